@@ -1,0 +1,424 @@
+"""Tests for dydilit.py: equivalence with explicit N x N paths, routing, precision, model,
+objectives, learning, and clear errors. CPU only; run with `python -m pytest -q`."""
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import dydilit as D
+
+HW = (6, 10)                    # a non-square token grid
+N = HW[0] * HW[1]
+
+
+def tokens(B=2, C=32, dtype=torch.float64, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(B, N, C, generator=g, dtype=dtype)
+
+
+def explicit_forward(m, x, hw):
+    """The slow path: the module's own N x N weights applied to V, plus DWC(V), then proj."""
+    A = m.attention_matrix(x, hw)                               # (B, h, N, N)
+    B, N_, C = x.shape
+    h = m.num_heads
+    v = m.qkv(x).view(B, N_, 3, h, C // h)[:, :, 2].transpose(1, 2)  # (B, h, N, d)
+    o = A.to(v.dtype) @ v
+    if getattr(m, "dwc", None) is not None:
+        d = C // h
+        grid = v.transpose(2, 3).reshape(B * h, d, *hw)        # every head through the same conv
+        o = o + m.dwc(grid).reshape(B, h, d, N_).transpose(2, 3)
+    return m.proj(o.transpose(1, 2).reshape(B, N_, C))
+
+
+SWITCHES = list(itertools.product([False, True], repeat=3))
+
+
+def make_attention(kind, C=32, heads=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    return D.ATTENTIONS[kind](C, heads, **kw).double()
+
+
+# ---------------------------------------------------------------------------------------
+# Attention: fast path == explicit path
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["softmax", "linear", "dydila"])
+def test_forward_matches_explicit_attention(kind):
+    m, x = make_attention(kind), tokens()
+    torch.testing.assert_close(m(x, HW), explicit_forward(m, x, HW), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dp,dk,td", SWITCHES)
+def test_dydila_all_switch_combinations_match_explicit(dp, dk, td):
+    m = make_attention("dydila", dynamic_projection=dp, dynamic_kernel=dk, token_differential=td)
+    x = tokens()
+    torch.testing.assert_close(m(x, HW), explicit_forward(m, x, HW), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_attention_without_dwc_matches_explicit():
+    m, x = make_attention("linear", dwc_kernel_size=0), tokens()
+    assert m.dwc is None
+    torch.testing.assert_close(m(x, HW), explicit_forward(m, x, HW), rtol=1e-6, atol=1e-6)
+
+
+def test_all_switches_off_is_linear_attention():
+    lin = make_attention("linear")
+    dy = make_attention("dydila", dynamic_projection=False, dynamic_kernel=False, token_differential=False)
+    missing, unexpected = dy.load_state_dict(lin.state_dict(), strict=False)
+    assert not unexpected and all("router" in k for k in missing), (missing, unexpected)
+    x = tokens()
+    torch.testing.assert_close(dy(x, HW), lin(x, HW), rtol=1e-10, atol=1e-10)
+    # and the switches really switch: with any design on, the output differs
+    dy_on = make_attention("dydila", dynamic_projection=False, dynamic_kernel=True, token_differential=False)
+    dy_on.load_state_dict(lin.state_dict(), strict=False)
+    assert not torch.allclose(dy_on(x, HW), lin(x, HW))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "linear", "dydila"])
+def test_attention_rows_are_distributions(kind):
+    m, x = make_attention(kind), tokens()
+    A = m.attention_matrix(x, HW)
+    assert A.shape == (2, 4, N, N)
+    assert (A >= 0).all()
+    # rows sum to S / (S + eps), S the unnormalised row sum: 1 up to eps. The one exception
+    # in linear attention: a query whose features are all zero (ReLU of an all-negative
+    # head vector) attends to nothing, and its row is exactly 0.
+    rows = A.sum(-1)                                            # (B, h, N)
+    if kind == "softmax":
+        torch.testing.assert_close(rows, torch.ones_like(rows))
+        return
+    q, k, _ = m.features(x)
+    S = (q * k.sum(2, keepdim=True)).sum(-1)                    # q_i . sum_j k_j
+    torch.testing.assert_close(rows, S / (S + m.eps), rtol=0, atol=1e-12)
+    assert ((rows - 1).abs() < 1e-5).float().mean() > 0.95    # almost every row is a distribution
+    assert torch.equal(rows[S == 0], torch.zeros_like(rows[S == 0]))
+
+
+def test_focused_kernel_matches_its_formula():
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    for g in (1, 2, 3, 4):
+        r = F.relu(x)
+        want = r ** g * r.norm(dim=-1, keepdim=True) / (r ** g).norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(D.focused_kernel(x, g), want)
+    torch.testing.assert_close(D.focused_kernel(x, 1), F.relu(x))
+    # norm preserved, mass moves to the largest coordinates
+    torch.testing.assert_close(D.focused_kernel(x, 3).norm(dim=-1), F.relu(x).norm(dim=-1))
+    assert (D.focused_kernel(x, 4).amax(-1) >= F.relu(x).amax(-1) - 1e-12).all()
+    # all-negative input gives zeros, not NaN; huge inputs do not overflow
+    assert torch.equal(D.focused_kernel(-torch.ones(4, 8), 3), torch.zeros(4, 8))
+    assert torch.isfinite(D.focused_kernel(torch.full((2, 8), 1e30), 4)).all()
+
+
+# ---------------------------------------------------------------------------------------
+# DyDiLA: hard routing, and gradients reach routers and lambda
+# ---------------------------------------------------------------------------------------
+
+def test_routing_is_hard_and_matches_direct_computation():
+    m, x = make_attention("dydila", C=32, heads=4, seed=3), tokens(seed=4)
+    r = m.routing(x)
+    assert set(r) == {"proj_q", "proj_k", "kernel_q", "kernel_k"}
+    # routers: plain argmax of X R
+    assert torch.equal(r["proj_q"], (x @ m.redundancy_q.router.weight.T).argmax(-1))
+    assert torch.equal(r["kernel_k"], (x @ m.kernel_k.router.weight.T).argmax(-1))
+    assert all(v.shape == (2, N) and v.dtype == torch.long for v in r.values())
+    # the choices are actually spread (the test would be vacuous if one option took all)
+    assert len(r["proj_q"].unique()) > 1 and len(r["kernel_q"].unique()) > 1
+
+    # direct: every projector and every kernel for every token, then pick with the argmax
+    B, h, d = 2, 4, 8
+    q, k, _ = m.qkv(x).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)
+    lam = torch.sigmoid(m.differential.theta).view(1, h, 1, 1)
+
+    def direct(t, proj, kern, u, c):
+        all_r = torch.stack([W(x) for W in proj.projectors])   # (n_P, B, N, C)
+        t_r = all_r.gather(0, u[None, :, :, None].expand(1, B, N, 32))[0]
+        t_r = t_r.view(B, N, h, d).transpose(1, 2)              # (B, h, N, d)
+        out = torch.empty_like(t)
+        for b, n in itertools.product(range(B), range(N)):
+            g = kern.exponents[c[b, n]].item()
+            out[b, :, n] = F.relu(D.focused_kernel(t[b, :, n], g) - lam[0, :, 0] * D.focused_kernel(t_r[b, :, n], g))
+        return out
+
+    q_feat, k_feat, _ = m.features(x)
+    torch.testing.assert_close(q_feat, direct(q, m.redundancy_q, m.kernel_q, r["proj_q"], r["kernel_q"]))
+    torch.testing.assert_close(k_feat, direct(k, m.redundancy_k, m.kernel_k, r["proj_k"], r["kernel_k"]))
+
+
+def test_routers_and_lambda_receive_gradients():
+    m, x = make_attention("dydila"), tokens()
+    target = torch.randn_like(x)
+    (m(x, HW) * target).sum().backward()
+    for name, p in [("redundancy_q router", m.redundancy_q.router.weight), ("redundancy_k router", m.redundancy_k.router.weight),
+                    ("kernel_q router", m.kernel_q.router.weight), ("kernel_k router", m.kernel_k.router.weight),
+                    ("lambda", m.differential.theta)]:
+        assert p.grad is not None and p.grad.abs().max() > 1e-6, name
+    for W in m.redundancy_q.projectors:                         # every projector that was chosen learns
+        assert W.weight.grad.abs().max() > 0
+
+
+def test_no_quadratic_memory_at_65536_tokens():
+    """An N x N float32 matrix per head would be 16 GiB here; record the largest tensor made."""
+
+    class LargestTensor(TorchFunctionMode):
+        largest = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    C, n = 16, 65_536
+    m = D.DyDiLA(C, 2)
+    x = torch.randn(1, n, C)
+    with torch.no_grad(), LargestTensor() as mode:
+        y = m(x, (256, 256))
+    assert y.shape == (1, n, C) and torch.isfinite(y).all()
+    assert mode.largest <= 4 * n * C, f"largest intermediate has {mode.largest} elements"
+
+
+def test_bf16_autocast_is_finite_and_close_to_fp32():
+    torch.manual_seed(0)
+    m = D.DyDiLA(64, 4)
+    x = 30 * torch.randn(2, N, 64)                              # large activations: phi_4 would overflow bf16 naively
+    y32 = m(x, HW)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = m(x, HW)
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    rel = (y16.float() - y32).norm() / y32.norm()
+    assert rel < 0.03, rel
+
+
+# ---------------------------------------------------------------------------------------
+# DyDi-LiT
+# ---------------------------------------------------------------------------------------
+
+def batch(model, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, model.in_channels, model.input_size, model.input_size, generator=g)
+    return x, torch.rand(B, generator=g), torch.randint(0, model.num_classes, (B,), generator=g)
+
+
+@pytest.mark.parametrize("name", sorted(D.MODELS))
+def test_presets_output_shape_and_zero_at_init(name):
+    torch.manual_seed(0)
+    model = D.MODELS[name](input_size=16, num_classes=5).eval()
+    size = {"T": (192, 6, 3), "S": (384, 12, 6), "B": (768, 12, 12)}[name.split("-")[1][0]]
+    assert (model.blocks[0].attn.dim, len(model.blocks), model.blocks[0].attn.num_heads) == size
+    assert model.patch_size == int(name[-1])
+    x, t, y = batch(model)
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))              # DiT: adaLN-Zero + zero final layer
+
+
+@pytest.mark.parametrize("attn", ["softmax", "linear", "dydila"])
+def test_cfg(attn):
+    torch.manual_seed(0)
+    model = D.DyDiLiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4, attn=attn).eval()
+    with torch.no_grad():
+        for p in model.parameters():                            # leave the all-zero init
+            p.add_(0.05 * torch.randn_like(p))
+        x, t, y = batch(model, B=3)
+        cond = model(x, t, y)
+        uncond = model(x, t, torch.full_like(y, 4))
+        assert not torch.allclose(cond, uncond)
+        torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), cond, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.forward_with_cfg(x, t, y, 2.5), uncond + 2.5 * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_label_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4, class_dropout_prob=1.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x, t, y = batch(model)
+        null = torch.full_like(y, 4)
+        model.train()
+        torch.testing.assert_close(model(x, t, y), model.eval()(x, t, null))  # p = 1: every label dropped
+        assert not torch.allclose(model.eval()(x, t, y), model(x, t, null))
+
+
+# ---------------------------------------------------------------------------------------
+# Objectives and samplers
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddpm_schedule_endpoints(schedule):
+    ddpm = D.DDPM(1000, schedule)
+    ab = ddpm.alphas_cumprod
+    assert ab.shape == (1000,) and (ab[1:] < ab[:-1]).all()
+    assert ab[0] > 0.999 and ab[-1] < 1e-4
+    if schedule == "linear":
+        assert math.isclose(ddpm.betas[0], 1e-4) and math.isclose(ddpm.betas[-1], 0.02)
+
+
+def test_ddpm_q_sample_moments():
+    ddpm = D.DDPM()
+    x0 = torch.full((20_000, 1, 1, 1), 0.7)
+    for step in (0, 250, 999):
+        steps = torch.full((20_000,), step)
+        xt = ddpm.q_sample(x0, steps, torch.randn_like(x0))
+        ab = ddpm.alphas_cumprod[step].item()
+        assert abs(xt.mean() - math.sqrt(ab) * 0.7) < 0.03
+        assert abs(xt.var() - (1 - ab)) < 0.03
+
+
+class ExactDenoiser(torch.nn.Module):
+    """The exact prediction when the data is one image `target`: eps for DDPM, velocity for flow."""
+
+    def __init__(self, target, ddpm=None):
+        super().__init__()
+        self.target, self.ddpm = target, ddpm
+
+    def forward(self, x, t, y):
+        if self.ddpm is None:                                   # x = (1 - t) x0 + t e  =>  e - x0 = (x - x0) / t
+            return (x - self.target) / t.view(-1, 1, 1, 1)
+        ab = self.ddpm.alphas_cumprod[(t * self.ddpm.num_timesteps).round().long()].float().view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_ddpm_samplers_reach_target_and_are_deterministic(sampler):
+    ddpm = D.DDPM(1000, "cosine")
+    target = torch.linspace(-1, 1, 2 * 3 * 4 * 4).view(2, 3, 4, 4)
+    y = torch.zeros(2, dtype=torch.long)
+    out = ddpm.sample(ExactDenoiser(target, ddpm), target.shape, y, steps=25, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    torch.testing.assert_close(out, target, rtol=1e-3, atol=1e-3)
+    # with a real (random) model: right shape, and the same generator seed gives the same samples
+    model = D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run = lambda seed: ddpm.sample(model, (2, 3, 8, 8), y, steps=5, cfg_scale=2.0,
+                                   generator=torch.Generator().manual_seed(seed), sampler=sampler)
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_flow_interpolation_endpoints():
+    x0, e = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    torch.testing.assert_close(D.FlowMatching.interpolate(x0, torch.zeros(3), e), x0)
+    torch.testing.assert_close(D.FlowMatching.interpolate(x0, torch.ones(3), e), e)
+    torch.testing.assert_close(D.FlowMatching.interpolate(x0, torch.full((3,), 0.25), e), 0.75 * x0 + 0.25 * e)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_sampler_reaches_target_under_exact_velocity(sampler):
+    target = torch.linspace(-1, 1, 2 * 3 * 4 * 4).view(2, 3, 4, 4)
+    y = torch.zeros(2, dtype=torch.long)
+    out = D.FlowMatching().sample(ExactDenoiser(target), target.shape, y, steps=10,
+                                  generator=torch.Generator().manual_seed(0), sampler=sampler)
+    torch.testing.assert_close(out, target, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Learning: the training step lowers the loss
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", [D.FlowMatching(), D.DDPM()], ids=["flow", "ddpm"])
+def test_training_lowers_loss(objective):
+    torch.manual_seed(0)
+    model = D.MODELS["DyDiLiT-T/4"](input_size=16, num_classes=2, depth=2)
+    ema = copy.deepcopy(model).eval()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    x0 = torch.stack([torch.stack([xx, yy, -xx]), torch.stack([(3 * xx).sin(), (3 * yy).cos(), xx * yy])]).repeat(4, 1, 1, 1)
+    y = torch.tensor([0, 1]).repeat(4)                          # 8 images: 2 fixed pictures, one per class
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(x0.shape, generator=g)
+    t_eval = torch.linspace(0.05, 0.95, 8)
+    if isinstance(objective, D.DDPM):
+        t_eval = (t_eval * objective.num_timesteps).long()
+
+    def val_loss(m):
+        m.eval()
+        with torch.no_grad():
+            return objective.losses(m, x0, y, t_eval, noise)[0].mean().item()
+
+    before = val_loss(model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
+    for _ in range(200):
+        out = D.training_step(model, objective, opt, x0, y, grad_clip=1.0)
+        D.update_ema(ema, model, decay=0.9)
+    after = val_loss(model)
+    assert math.isfinite(out["loss"].item()) and out["losses"].shape == (8,)
+    assert after < 0.5 * before, (before, after)
+    assert val_loss(ema) < 0.7 * before
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    w_a, w_b = a.weight.detach().clone(), b.weight.detach().clone()
+    D.update_ema(a, b, decay=0.75)
+    torch.testing.assert_close(a.weight, 0.75 * w_a + 0.25 * w_b)
+    D.update_ema(a, b, decay=0.0)
+    torch.testing.assert_close(a.weight, w_b)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one clear ValueError each
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["softmax", "linear", "dydila"])
+def test_attention_input_errors(kind):
+    m = make_attention(kind)
+    with pytest.raises(ValueError, match=r"x must be \(B, N, C\) tokens, got shape \(60, 32\)"):
+        m(tokens()[0], HW)
+    with pytest.raises(ValueError, match=r"N = 60 tokens does not match hw = \(6, 9\)"):
+        m(tokens(), (6, 9))
+    with pytest.raises(ValueError, match="x has C = 16 channels but the attention was built with dim = 32"):
+        m(tokens(C=16), HW)
+    with pytest.raises(ValueError, match=r"N = 60 tokens does not match"):
+        m.attention_matrix(tokens(), (5, 5))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attn="flash"), r"unknown attention 'flash': choose one of \['dydila', 'linear', 'softmax'\]"),
+    (dict(input_size=30, patch_size=4), "image size 30 is not divisible by patch size 4"),
+    (dict(hidden_size=64, num_heads=3), "dim = 64 is not divisible by num_heads = 3"),
+    (dict(attn_kwargs=dict(num_projectors=0)), "num_projectors = 0 must be >= 1"),
+    (dict(attn_kwargs=dict(kernel_exponents=())), "kernel_exponents is empty"),
+    (dict(attn_kwargs=dict(kernel_exponents=("relu", 2))), "unknown kernel 'relu'"),
+    (dict(attn_kwargs=dict(kernel_exponents=(0.5, 2))), "every exponent must be >= 1"),
+    (dict(attn_kwargs=dict(lambda_init=1.5)), r"lambda_init = 1.5 must lie in \(0, 1\)"),
+    (dict(attn="linear", attn_kwargs=dict(dwc_kernel_size=4)), "dwc_kernel_size = 4 must be odd"),
+])
+def test_model_construction_errors(kwargs, message):
+    base = dict(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4)
+    with pytest.raises(ValueError, match=message):
+        D.DyDiLiT(**{**base, **kwargs})
+
+
+def test_model_input_errors():
+    model = D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4)
+    x, t, y = batch(model)
+    with pytest.raises(ValueError, match="labels must be integers in \\[0, 3\\] \\(or 4 for the null class\\), got range \\[0, 7\\]"):
+        model(x, t, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="labels must be integers"):
+        model(x, t, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=r"x must be \(B, 3, 8, 8\), got shape \(2, 3, 16, 16\)"):
+        model(torch.randn(2, 3, 16, 16), t, y)
+    with pytest.raises(ValueError, match=r"t and y must be \(B,\) = \(2,\)"):
+        model(x, t[:1], y)
+
+
+def test_objective_errors():
+    with pytest.raises(ValueError, match="unknown schedule 'quadratic': choose 'linear' or 'cosine'"):
+        D.DDPM(schedule="quadratic")
+    with pytest.raises(ValueError, match="unknown t_sampling 'beta'"):
+        D.FlowMatching(t_sampling="beta")
+    y = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown sampler 'euler' for DDPM"):
+        D.DDPM().sample(None, (1, 1, 2, 2), y, sampler="euler")
+    with pytest.raises(ValueError, match="unknown sampler 'ddim' for flow matching"):
+        D.FlowMatching().sample(None, (1, 1, 2, 2), y, sampler="ddim")
