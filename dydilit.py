@@ -58,6 +58,11 @@ def _split_heads(t, h):
     return t.view(B, N, h, C // h).transpose(1, 2)              # (B, N, C) -> (B, h, N, d)
 
 
+def _qkv_heads(qkv, x, h):
+    B, N, C = x.shape
+    return qkv(x).view(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, N, 3C) -> 3 x (B, h, N, d)
+
+
 def _merge_heads(t):
     B, h, N, d = t.shape
     return t.transpose(1, 2).reshape(B, N, h * d)               # (B, h, N, d) -> (B, N, C)
@@ -129,19 +134,15 @@ class SoftmaxAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def _qkv(self, x):
-        B, N, C = x.shape
-        return self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
-
     def forward(self, x, hw):
         _check_tokens(x, hw, self.dim)
-        q, k, v = self._qkv(x)                                  # (B, h, N, d)
+        q, k, v = _qkv_heads(self.qkv, x, self.num_heads)      # 3 x (B, h, N, d)
         o = F.scaled_dot_product_attention(q, k, v)             # (B, h, N, d)
         return self.proj(_merge_heads(o))                       # (B, N, C)
 
     def attention_matrix(self, x, hw):
         _check_tokens(x, hw, self.dim)
-        q, k, _ = self._qkv(x)
+        q, k, _ = _qkv_heads(self.qkv, x, self.num_heads)
         with _no_autocast(q):
             a = _fp32(q) @ _fp32(k).transpose(-2, -1) / math.sqrt(q.shape[-1])
             return a.softmax(dim=-1)                            # (B, h, N, N)
@@ -169,8 +170,7 @@ class LinearAttention(nn.Module):
 
     def features(self, x):
         """phi(Q), phi(K), V, each (B, h, N, d); phi = ReLU (LiT, SANA), features in float32."""
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        q, k, v = _qkv_heads(self.qkv, x, self.num_heads)      # 3 x (B, h, N, d)
         return F.relu(_fp32(q)), F.relu(_fp32(k)), v
 
     def local(self, v, hw):
@@ -356,8 +356,9 @@ class DyDiLA(LinearAttention):
             self.redundancy_k = DynamicProjection(dim, n_P)     # design (i): K' = X W_K^{v}
             self.differential = TokenDifferential(num_heads, lambda_init)  # design (iii)
 
-    def _side(self, x, t, kernel, redundancy):
-        """Features of one side (queries or keys): t = X W^0 split in heads (B, h, N, d)."""
+    def _kernel_features(self, x, t, kernel, redundancy):
+        """phi(t) and phi(t') of one side (queries or keys), each (B, h, N, d); t = X W^0 in heads.
+        phi(t') is None without the token differential."""
         c, kernel_gate = kernel.route(x)                        # (B, N) kernel choice per token
         phi = kernel(_fp32(t), c)                               # phi_{g_i}(t_i)          (B, h, N, d)
         if kernel_gate is not None:
@@ -366,19 +367,36 @@ class DyDiLA(LinearAttention):
             # (with token_differential off, the query-side kernel router gets no gradient).
             phi = phi * kernel_gate[:, None, :, None]
         if self.differential is None:
-            return phi
+            return phi, None
         # choice: the redundancy t'_i goes through the same kernel phi_{g_i} as t_i, so the
         # difference compares like with like (the abstract: the redundancy is "produced by
         # the dynamic measure kernel").
         r = _split_heads(redundancy(x), self.num_heads)         # t'_i = X_i W^{u_i}      (B, h, N, d)
-        return self.differential(phi, kernel(_fp32(r), c))     # relu(phi(t) - lambda phi(t'))
+        return phi, kernel(_fp32(r), c)                         # phi_{g_i}(t'_i)         (B, h, N, d)
+
+    def _side(self, x, t, kernel, redundancy):
+        phi, phi_r = self._kernel_features(x, t, kernel, redundancy)
+        return phi if phi_r is None else self.differential(phi, phi_r)  # relu(phi(t) - lambda phi(t'))
 
     def features(self, x):
         """q~, k~ (non-negative, float32) and V, each (B, h, N, d)."""
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        q, k, v = _qkv_heads(self.qkv, x, self.num_heads)      # 3 x (B, h, N, d)
         return (self._side(x, q, self.kernel_q, self.redundancy_q),
                 self._side(x, k, self.kernel_k, self.redundancy_k), v)
+
+    def attention_parts(self, x, hw):
+        """For plots: the explicit (B, h, N, N) maps of DyDiLA's pieces.
+        "base": phi(q).phi(k) normalised (kernels chosen, nothing subtracted); "redundancy":
+        phi(q').phi(k') normalised; "differential": the weights forward applies (attention_matrix)."""
+        _check_tokens(x, hw, self.dim)
+        q, k, _ = _qkv_heads(self.qkv, x, self.num_heads)      # 3 x (B, h, N, d)
+        phi_q, phi_qr = self._kernel_features(x, q, self.kernel_q, self.redundancy_q)
+        phi_k, phi_kr = self._kernel_features(x, k, self.kernel_k, self.redundancy_k)
+        parts = {"base": normalised_scores(phi_q, phi_k, self.eps)}
+        if phi_qr is not None:
+            parts["redundancy"] = normalised_scores(phi_qr, phi_kr, self.eps)
+        parts["differential"] = self.attention_matrix(x, hw)
+        return parts
 
     @torch.no_grad()
     def routing(self, x):

@@ -2,6 +2,7 @@
 objectives, learning, and clear errors. CPU only; run with `python -m pytest -q`."""
 
 import copy
+import csv
 import itertools
 import math
 
@@ -422,3 +423,333 @@ def test_objective_errors():
         D.DDPM().sample(None, (1, 1, 2, 2), y, sampler="euler")
     with pytest.raises(ValueError, match="unknown sampler 'ddim' for flow matching"):
         D.FlowMatching().sample(None, (1, 1, 2, 2), y, sampler="ddim")
+
+
+# =======================================================================================
+# train_tiny.py: data loaders on fabricated files, runs, resume, DDP, errors
+# =======================================================================================
+
+import gzip
+import io
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import train_tiny as T
+
+ROOT = Path(__file__).resolve().parent
+TINY = ["--dataset", "synthetic", "--model", "DyDiLiT-T/4", "--image-size", "16", "--batch-size", "8",
+        "--val-size", "16", "--sample-steps", "2", "--log-every", "2"]
+
+
+def run_py(args, tmp_path, env=None, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "train_tiny.py"), *args], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300, **kw)
+
+
+def log_rows(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_synthetic_smoke_run_writes_checkpoint_log_and_grids(tmp_path):
+    out = tmp_path / "run"
+    assert T.main([*TINY, "--steps", "6", "--eval-every", "3", "--sample-every", "3", "--out-dir", str(out)]) == 0
+    for name in ("ckpt.pt", "log.jsonl", "samples_0000003.png", "samples_final.png", "loss.png", "classes.txt"):
+        assert (out / name).stat().st_size > 0, name
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)      # plain types only
+    assert ckpt["step"] == 6 and ckpt["args"]["attn"] == "dydila" and len(ckpt["classes"]) == 10
+    assert set(ckpt) >= {"model", "ema", "opt", "step", "args", "rng"}
+    rows = log_rows(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in train_rows)
+    assert len(train_rows[0]["loss_per_t_bin"]) == 4
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    # one command draws a grid from the checkpoint
+    grid = tmp_path / "grid.png"
+    assert T.main(["--sample-from", str(out / "ckpt.pt"), "--grid", str(grid), "--sample-steps", "2"]) == 0
+    assert grid.stat().st_size > 0
+
+
+def test_validation_loss_is_identical_for_identical_weights():
+    data = T.make_synthetic(16)
+    model = D.MODELS["DyDiLiT-T/4"](input_size=16, num_classes=10, attn="linear")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    a = T.validation_loss(model, D.FlowMatching(), data.val_x[:32], data.val_y[:32], T.nullcontext)
+    b = T.validation_loss(model, D.FlowMatching(), data.val_x[:32], data.val_y[:32], T.nullcontext)
+    assert a == b and len(a[1]) == len(T.VAL_TIMES)
+
+
+def test_batches_are_a_function_of_step_and_shard_across_ranks():
+    data = T.make_synthetic(8, n_train=20, n_val=4)
+    full = T.Batches(data, 8, seed=3)
+    xs = [full.get(s)[1] for s in range(5)]                  # 40 labels = two epochs of 20
+    again = T.Batches(data, 8, seed=3)
+    assert torch.equal(again.get(4)[1], xs[4])               # no state: step 4 straight away
+    perm0, perm1 = full.perm(0), full.perm(1)
+    assert torch.equal(torch.cat(xs)[:20], data.train_y[perm0]) and torch.equal(torch.cat(xs)[20:], data.train_y[perm1])
+    halves = [T.Batches(data, 8, seed=3, rank=r, world=2).get(2)[1] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), xs[2])
+
+
+def test_interrupt_then_resume_matches_uninterrupted_run(tmp_path):
+    args = [*TINY, "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000", "--steps", "30",
+            "--warmup", "1", "--lr", "1e-3"]                 # the weights move fast: any divergence shows
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_tiny.py"), *args, "--out-dir", "a"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "a" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= stopped < 30
+    resumed = run_py([*args, "--out-dir", "a", "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_py([*args, "--out-dir", "b"], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    a = {r["step"]: r for r in log_rows(tmp_path / "a") if "loss" in r}
+    b = {r["step"]: r for r in log_rows(tmp_path / "b") if "loss" in r}
+    assert max(a) == max(b) == 30
+    assert a[30]["loss"] < 0.8 * a[1]["loss"]                 # it learned, so the comparison is not trivial
+    for step in range(1, 31):                                 # before the stop, and after the resume
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5), step
+    va = [r["val_loss"] for r in log_rows(tmp_path / "a") if "val_loss" in r][-1]
+    vb = [r["val_loss"] for r in log_rows(tmp_path / "b") if "val_loss" in r][-1]
+    assert va == pytest.approx(vb, rel=1e-5)
+
+
+def test_ddp_world_size_one_on_cpu(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    r = run_py([*TINY, "--steps", "4", "--eval-every", "2", "--sample-every", "100", "--out-dir", "ddp"], tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 4
+    assert "device cpu x1" in r.stdout
+
+
+# --- the real loaders on small files in the true formats ---------------------------------
+
+def write_cifar_folder(folder, n=6):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [(i + j) % 10 for j in range(n)],
+                 b"batch_label": name.encode()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_reads_the_python_batches_folder(tmp_path):
+    write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    data = T.load_cifar10(tmp_path)
+    assert data.train_x.shape == (30, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.val_x.shape == (6, 3, 32, 32) and data.flip and data.classes[0] == "airplane"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    assert torch.equal(data.train_x[6].flatten(), torch.from_numpy(raw[b"data"][0]))   # channel-major rows
+    assert data.train_y[6:12].tolist() == raw[b"labels"]
+
+
+def make_cifar_tarball(tmp_path):
+    src = tmp_path / "src"
+    write_cifar_folder(src / "cifar-10-batches-py")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    tarball = data_dir / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return data_dir, tarball
+
+
+def test_cifar10_extracts_a_verified_tarball(tmp_path, monkeypatch):
+    data_dir, tarball = make_cifar_tarball(tmp_path)
+    monkeypatch.setattr(T, "CIFAR10_MD5", T.md5(tarball))
+    data = T.load_cifar10(data_dir)
+    assert data.train_x.shape == (30, 3, 32, 32)
+    assert (data_dir / "cifar-10-batches-py" / "test_batch").exists()
+    assert set(p.name for p in data_dir.iterdir()) == {"cifar-10-python.tar.gz", "cifar-10-batches-py"}  # no temp left
+
+
+def test_cifar10_md5_mismatch_is_a_clear_error_and_extracts_nothing(tmp_path, monkeypatch, capsys):
+    data_dir, tarball = make_cifar_tarball(tmp_path)         # its MD5 is not the official one
+    with pytest.raises(T.UserError, match=f"has MD5 {T.md5(tarball)}, expected c58f30108f718f92721af3b95e74349a"):
+        T.load_cifar10(data_dir)
+    assert set(p.name for p in data_dir.iterdir()) == {"cifar-10-python.tar.gz"}
+    # through the command line: one line on stderr, exit code 2
+    assert T.main(["--data-dir", str(data_dir), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "MD5" in err and err.count("\n") == 1
+
+
+def test_cifar10_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")   # refused at once, offline
+    with pytest.raises(T.UserError, match=r"put cifar-10-python.tar.gz .* into .*data/"):
+        T.load_cifar10(tmp_path / "data")
+    assert not any((tmp_path / "data").iterdir())           # no partial download left behind
+
+
+def test_cifar10_corrupt_batch_is_a_clear_error(tmp_path):
+    write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(T.UserError, match="data_batch_3 .*incomplete or corrupt"):
+        T.load_cifar10(tmp_path)
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_gz_and_pads_to_32(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "FASHION_DIRS", [])                 # only the fabricated files
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (7, 28, 28))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", imgs)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(7) % 10)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs[:3])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(3))
+    data = T.load_fashion_mnist(tmp_path)
+    assert data.train_x.shape == (7, 1, 32, 32) and data.val_x.shape == (3, 1, 32, 32) and not data.flip
+    assert torch.equal(data.train_x[:, 0, 2:30, 2:30], torch.from_numpy(imgs.astype(np.uint8)))
+    assert data.train_x[:, :, :2].sum() == 0 and data.train_y.tolist() == list(range(7))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")
+    with pytest.raises(T.UserError, match="t10k-labels-idx1-ubyte.gz .*corrupt"):
+        T.load_fashion_mnist(tmp_path)
+    for p in tmp_path.iterdir():
+        p.unlink()
+    with pytest.raises(T.UserError, match="Fashion-MNIST not found: put .* apt-get install dataset-fashion-mnist"):
+        T.load_fashion_mnist(tmp_path)
+
+
+def test_subin_reads_class_folders_skips_corrupt_files(tmp_path, capsys):
+    from PIL import Image
+    root = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(["n02", "n01", "n03"]):
+        (root / wnid).mkdir(parents=True)
+        for j in range(52 if c == 0 else 3):
+            Image.fromarray(rng.integers(0, 256, (40 + j % 3, 30, 3), dtype=np.uint8)).save(root / wnid / f"img{j:03d}.JPEG")
+    (root / "n01" / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "n01" / "notes.txt").write_text("ignored")
+    data = T.load_subin(root, 2, None, 16, tmp_path / "cache")
+    assert data.classes == ["n01", "n02"]                    # the first two in sorted order
+    assert "skipped 1 unreadable files of 56" in capsys.readouterr().out
+    assert data.train_x.shape == (54, 3, 16, 16) and data.val_x.shape == (1, 3, 16, 16)  # every 50th held out
+    assert data.train_y.tolist().count(0) == 3 and data.val_y.tolist() == [1]
+    again = T.load_subin(root, 2, None, 16, tmp_path / "cache")   # from the cache
+    assert torch.equal(again.train_x, data.train_x) and len(list((tmp_path / "cache").iterdir())) == 1
+    listed = tmp_path / "classes.txt"
+    listed.write_text("n03\nn01\n")
+    assert T.load_subin(root, 2, str(listed), 16, tmp_path / "cache").classes == ["n03", "n01"]
+    listed.write_text("n09\n")
+    with pytest.raises(T.UserError, match="--class-list names 1 classes with no folder .* n09"):
+        T.load_subin(root, 2, str(listed), 16, tmp_path / "cache")
+
+
+# --- bad input ends with one clear line and exit code 2 ---------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "DyDiLiT-T/4", "--image-size", "18"], "image size 18 is not divisible by the patch size 4"),
+    (["--sampler", "ddim"], "--sampler ddim does not belong to --objective flow"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--dataset", "fashion-mnist", "--image-size", "64", "--model", "DyDiLiT-T/4"], "--image-size 64 does not match fashion-mnist's 32 x 32"),
+    (["--resume"], "--resume: no checkpoint at"),
+    (["--sample-from", "nothing.pt"], "--sample-from nothing.pt: no such file"),
+])
+def test_cli_errors_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert T.main([*TINY, "--out-dir", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_resume_with_another_model_or_a_corrupt_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert T.main([*TINY, "--steps", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
+    assert T.main([*TINY, "--steps", "4", "--out-dir", str(out)]) == 2
+    assert "already holds a run (ckpt.pt): add --resume" in capsys.readouterr().err
+    assert T.main([*TINY, "--steps", "4", "--attn", "linear", "--out-dir", str(out), "--resume"]) == 2
+    assert "is from another model: it has attn='dydila' but this run asks for attn='linear'" in capsys.readouterr().err
+    (out / "ckpt.pt").write_bytes(b"truncated")
+    assert T.main([*TINY, "--steps", "4", "--out-dir", str(out), "--resume"]) == 2
+    assert "cannot load checkpoint" in capsys.readouterr().err
+
+
+def test_unknown_dataset_is_rejected_by_the_parser(tmp_path):
+    r = run_py(["--dataset", "mnist"], tmp_path)
+    assert r.returncode == 2 and "invalid choice: 'mnist'" in r.stderr and "Traceback" not in r.stderr
+
+
+# =======================================================================================
+# visualize.py: metrics with known answers, and each mode writes its figures
+# =======================================================================================
+
+import visualize as V
+
+
+def test_smoothness_metrics_known_answers():
+    N = 100
+    uniform = torch.full((3, N), 1.0 / N)
+    one_hot = torch.zeros(3, N)
+    one_hot[:, 7] = 1
+    torch.testing.assert_close(V.row_entropy(uniform), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(V.row_entropy(one_hot), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(V.top_mass(uniform), torch.full((3,), 0.05, dtype=torch.float64))
+    torch.testing.assert_close(V.top_mass(one_hot), torch.ones(3, dtype=torch.float64))
+    half = torch.zeros(N)
+    half[:2] = 0.5                                            # two keys: entropy log 2 / log N
+    assert V.row_entropy(half[None]).item() == pytest.approx(math.log(2) / math.log(N))
+    assert V.row_entropy(torch.zeros(1, N)).isnan().all()     # a row that attends to nothing
+    s = V.summarise(torch.stack([uniform, one_hot])[None])   # (1, 2, 3, N)
+    assert s["entropy_mean"] == pytest.approx(0.5) and s["zero_rows"] == 0 and s["rows"] == 6
+
+
+def test_visualize_default_mode_writes_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(T, "FASHION_DIRS", [])                # offline synthetic image, whatever is installed
+    assert V.main(["--out", str(tmp_path), "--data-dir", str(tmp_path / "none")]) == 0
+    for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    table = capsys.readouterr().out
+    assert "softmax (DiT)" in table and "DyDiLA (DyDi-LiT)" in table and "synthetic image 0" in table
+
+
+def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
+    runs = []
+    for attn in ("linear", "dydila"):
+        out = tmp_path / attn
+        assert T.main([*TINY, "--attn", attn, "--steps", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
+        runs.append(str(out / "ckpt.pt"))
+    assert V.main(["--out", str(tmp_path / "viz"), "--ckpt", *runs, "--t", "0.3", "0.7"]) == 0
+    for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png", "dydila_parts.png"):
+        assert (tmp_path / "viz" / name).stat().st_size > 10_000, name
+    out = capsys.readouterr().out
+    assert "dydila (dydila) t=0.7" in out and "layer 3" in out
+    assert V.main(["--out", str(tmp_path / "viz"), "--ckpt", *runs, "--layer", "9"]) == 2
+    assert "--layer 9 is out of range: " in capsys.readouterr().err
+
+
+def test_visualize_scaling_writes_csv_and_plot(tmp_path):
+    assert V.main(["--out", str(tmp_path), "--scaling", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
+    assert [int(r["tokens"]) for r in rows] == [256, 1024]
+    assert all(float(r[f"{k}_ms"]) > 0 and float(r[f"{k}_mem_mib"]) > 0 for r in rows for k in V.MECHANISMS)
+    assert float(rows[0]["dydila_over_linear"]) == pytest.approx(float(rows[0]["dydila_ms"]) / float(rows[0]["linear_ms"]))
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000

@@ -1,0 +1,447 @@
+"""
+See why linear attention over-smooths and how DyDiLA sharpens it.
+
+    python visualize.py                                  # untrained modules on one image, CPU, < 1 minute
+    python visualize.py --ckpt runs/dit/ckpt.pt runs/lit/ckpt.pt runs/dydi/ckpt.pt --layer 3 --t 0.2 0.5 0.8
+    python visualize.py --scaling                        # time and memory against the number of tokens
+
+Writes into --out (default ./viz): attention_maps.png, attention_smoothness.png, router_maps.png
+(and dydila_parts.png with --ckpt), or scaling.csv and scaling.png with --scaling.
+
+Smoothness of one attention row a (a distribution over the N keys):
+  normalised entropy  H(a) / log N   1 = uniform, the over-smoothed limit; 0 = all weight on one key
+  top-5% mass         the weight on the 5% largest entries; 0.05 for a uniform row
+"""
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dydilit as D
+import train_tiny as T
+
+MECHANISMS = ("softmax", "linear", "dydila")
+LABELS = {"softmax": "softmax (DiT)", "linear": "linear (LiT)", "dydila": "DyDiLA (DyDi-LiT)"}
+QUERIES = ((3, 3), (8, 8), (4, 12), (12, 5))            # (row, col) on a 16 x 16 token grid; scaled to others
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------
+
+def row_entropy(A):
+    """Normalised entropy of each row of A (..., N): H / log N in [0, 1]. Rows summing to 0 give nan."""
+    A = A.double()
+    s = A.sum(-1, keepdim=True)
+    p = A / s
+    h = -torch.xlogy(p, p).sum(-1) / math.log(A.shape[-1])
+    return h.masked_fill(s.squeeze(-1) == 0, float("nan"))
+
+
+def top_mass(A, frac=0.05):
+    """Share of each row's weight on its top ceil(frac * N) entries. Rows summing to 0 give nan."""
+    A = A.double()
+    s = A.sum(-1)
+    k = max(1, math.ceil(frac * A.shape[-1] - 1e-9))
+    return (A.topk(k, dim=-1).values.sum(-1) / s).masked_fill(s == 0, float("nan"))
+
+
+def summarise(A):
+    """Dict of smoothness numbers over all rows (and heads) of A (B, h, N, N)."""
+    h, m = row_entropy(A).flatten(), top_mass(A).flatten()
+    ok = ~torch.isnan(h)
+    return {"entropy_mean": h[ok].mean().item(), "entropy_median": h[ok].median().item(),
+            "top5_mass_mean": m[ok].mean().item(), "rows": int(ok.numel()), "zero_rows": int((~ok).sum())}
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs: one image, as tokens
+# ----------------------------------------------------------------------------------------
+
+def find_image(data_dir, index):
+    """(image (c, S, S) in [-1, 1], source name): CIFAR-10 or Fashion-MNIST if present, else synthetic."""
+    data, name = None, None
+    if (data_dir / "cifar-10-batches-py").is_dir():
+        data, name = T.load_cifar10(data_dir), "CIFAR-10 test"
+    else:
+        try:
+            data, name = T.load_fashion_mnist(data_dir), "Fashion-MNIST test"
+        except T.UserError:
+            data, name = T.make_synthetic(32), "synthetic"
+    i = index % len(data.val_x)
+    return data.val_x[i].float() / 127.5 - 1, f"{name} image {i} ({data.classes[int(data.val_y[i])]})"
+
+
+def image_tokens(img, width, patch=2, seed=0):
+    """Patch tokens of an image for untrained modules: a fixed random linear patch embedding plus
+    DiT's sin-cos position embedding, layer-normed. (c, S, S) -> (1, N, width), grid (H, W)."""
+    c, S, _ = img.shape
+    H = W = S // patch
+    patches = img.unfold(1, patch, patch).unfold(2, patch, patch)        # (c, H, W, p, p)
+    patches = patches.permute(1, 2, 0, 3, 4).reshape(H * W, c * patch * patch)  # (N, c p p)
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(c * patch * patch, width, generator=g) / math.sqrt(c * patch * patch)
+    x = patches @ embed + D.sincos_pos_embed(width, H, W)
+    return F.layer_norm(x, (width,))[None], (H, W)                       # (1, N, C)
+
+
+def scaled_queries(hw):
+    H, W = hw
+    return [(min(H - 1, r * H // 16), min(W - 1, c * W // 16)) for r, c in QUERIES]
+
+
+# ----------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------
+
+def show_image(ax, img, queries, patch, title):
+    from matplotlib.patches import Rectangle
+    arr = ((img.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
+    for k, (r, c) in enumerate(queries):
+        ax.add_patch(Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False, color=f"C{k}", lw=2))
+        ax.text(c * patch + patch + 0.5, r * patch - 0.5, str(k + 1), color=f"C{k}", fontsize=8, weight="bold")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def attention_maps_figure(path, img, patch, queries, rows, hw, head):
+    """rows: list of (label, A (1, h, N, N)). One figure row per label, one column per query;
+    one colour scale per row."""
+    plt = T.pyplot()
+    n = len(queries)
+    fig, axes = plt.subplots(len(rows), n + 1, figsize=(2.2 * (n + 1) + 0.6, 2.2 * len(rows)), squeeze=False)
+    for i, (label, A) in enumerate(rows):
+        show_image(axes[i, 0], img, queries, patch, "queries" if i == 0 else "")
+        axes[i, 0].text(-0.15, 0.5, label, transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
+        maps = [A[0, head, r * hw[1] + c].reshape(hw).float() for r, c in queries]
+        vmax = max(m.max().item() for m in maps)
+        for k, ((r, c), m) in enumerate(zip(queries, maps)):
+            ax = axes[i, k + 1]
+            im = ax.imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax)
+            ax.plot(c, r, marker="s", mfc="none", mec=f"C{k}", ms=6, mew=1.5)
+            ent = row_entropy(m.flatten()[None]).item()
+            ax.set_title(f"query {k + 1}: H/logN {ent:.2f}", fontsize=8)
+            ax.axis("off")
+        fig.colorbar(im, ax=axes[i, 1:].tolist(), fraction=0.02, pad=0.01)
+    fig.suptitle(f"attention rows on the {hw[0]}x{hw[1]} token grid (head {head}); one colour scale per row", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def smoothness_figure(path, results):
+    """results: list of (label, A). Entropy and top-5% mass distributions over all rows and heads."""
+    plt = T.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.2 + 0.25 * len(results)))
+    labels = [label for label, _ in results]
+    ents = [row_entropy(A).flatten() for _, A in results]
+    tops = [top_mass(A).flatten() for _, A in results]
+    for ax, vals, title in ((a1, ents, "row entropy / log N   (1 = uniform, over-smoothed)"),
+                            (a2, tops, "attention mass on the top 5% of keys   (uniform = 0.05)")):
+        for i, (label, v) in enumerate(zip(labels, vals)):
+            v = v[~torch.isnan(v)].numpy()
+            ax.hist(v, bins=60, range=(0, 1), density=True, histtype="step", lw=2, color=f"C{i}",
+                    label=f"{label}: mean {v.mean():.3f}")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("density of rows")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    a1.set_xlim(0, 1.02)
+    a2.set_xlim(0, 1.02)
+    a2.axvline(0.05, color="gray", ls=":", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(results):
+    print(f"{'mechanism':<34} {'H/logN mean':>11} {'median':>7} {'top-5% mass':>11} {'zero rows':>9}")
+    for label, A in results:
+        s = summarise(A)
+        print(f"{label:<34} {s['entropy_mean']:>11.3f} {s['entropy_median']:>7.3f} {s['top5_mass_mean']:>11.3f} "
+              f"{s['zero_rows']:>4}/{s['rows']}")
+
+
+def router_figure(path, img, patch, entries, exponents):
+    """entries: list of (title, routing dict of (1, N) tensors, hw). One row per entry: the choice
+    per token for each router, plus the usage histogram. Warns about collapsed routers."""
+    plt = T.pyplot()
+    keys = ["proj_q", "proj_k", "kernel_q", "kernel_k"]
+    fig, axes = plt.subplots(len(entries), 6, figsize=(15, 2.4 * len(entries)), squeeze=False)
+    for i, (title, r, hw) in enumerate(entries):
+        show_image(axes[i, 0], img, [], patch, "")
+        axes[i, 0].text(-0.1, 0.5, title, transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
+        for j, key in enumerate(keys):
+            choice = r[key][0].reshape(hw).numpy()
+            n = len(exponents) if key.startswith("kernel") else int(r[key].max()) + 1
+            ax = axes[i, j + 1]
+            ax.imshow(choice, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+            ax.set_title({"proj_q": "projector u (Q')", "proj_k": "projector v (K')",
+                          "kernel_q": "kernel g (queries)", "kernel_k": "kernel g (keys)"}[key], fontsize=8)
+            ax.axis("off")
+            share = np.bincount(choice.ravel(), minlength=n) / choice.size
+            if share.max() > 0.95 and n > 1:
+                print(f"warning: router {key} ({title}) sends {100 * share.max():.0f}% of tokens to one choice: collapsed")
+        ax = axes[i, 5]
+        width = 0.2
+        for j, key in enumerate(keys):
+            n = len(exponents) if key.startswith("kernel") else max(3, int(r[key].max()) + 1)
+            share = np.bincount(r[key][0].numpy(), minlength=n) / r[key].numel()
+            ax.bar(np.arange(n) + (j - 1.5) * width, share, width, label=key)
+        ax.set_title("usage (share of tokens); kernel index k -> g = " + ",".join(f"{g:g}" for g in exponents), fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# Modes
+# ----------------------------------------------------------------------------------------
+
+def untrained(args, out):
+    """The three mechanisms, same width, same seed (so the same Q and K), on one image's tokens."""
+    img, source = find_image(Path(args.data_dir), args.index)
+    x, hw = image_tokens(img, args.width, seed=args.seed)
+    queries = scaled_queries(hw)
+    results, modules = [], {}
+    with torch.no_grad():
+        for kind in MECHANISMS:
+            torch.manual_seed(args.seed)                      # qkv is built first in each: identical Q, K, V weights
+            modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).eval()
+            results.append((LABELS[kind], modules[kind].attention_matrix(x, hw)))
+    print(f"untrained modules (width {args.width}, {args.heads} heads, seed {args.seed}) on {source}")
+    attention_maps_figure(out / "attention_maps.png", img, 2, queries, results, hw, args.head)
+    smoothness_figure(out / "attention_smoothness.png", results)
+    print_table(results)
+    dy = modules["dydila"]
+    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy.routing(x), hw)], dy.kernel_q.exponents.tolist())
+    return ["attention_maps.png", "attention_smoothness.png", "router_maps.png"]
+
+
+def load_run(path):
+    """(model (EMA weights, eval, CPU), objective, args namespace) from a train_tiny checkpoint."""
+    ckpt = T.load_checkpoint(Path(path))
+    a = argparse.Namespace(**ckpt["args"])
+    model = T.build_model(a, a.channels, len(ckpt["classes"]))
+    model.load_state_dict(ckpt["ema"])
+    return model.eval(), T.build_objective(a), a
+
+
+def captured_attention(model, objective, x0, y, t, layer, noise):
+    """Run the model on x_t and return the attention module of block `layer` and its input."""
+    if isinstance(objective, D.DDPM):
+        steps = torch.full((1,), min(objective.num_timesteps - 1, round(t * objective.num_timesteps)))
+        xt, tt = objective.q_sample(x0, steps, noise), steps.float() / objective.num_timesteps
+    else:
+        tt = torch.full((1,), float(t))
+        xt = objective.interpolate(x0, tt, noise)
+    attn = model.blocks[layer].attn
+    seen = {}
+
+    def keep_input(module, inputs):                         # returns None: the inputs pass through unchanged
+        seen["x"] = inputs[0]
+    handle = attn.register_forward_pre_hook(keep_input)
+    with torch.no_grad():
+        model(xt, tt, y)
+    handle.remove()
+    return attn, seen["x"]
+
+
+def from_checkpoints(args, out):
+    runs = [(p, *load_run(p)) for p in args.ckpt]
+    first = runs[0][3]
+    try:
+        data = T.load_data(argparse.Namespace(**{**vars(first), "data_dir": first.data_dir}))
+    except T.UserError as e:
+        raise T.UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
+    i = args.index % len(data.val_x)
+    img = data.val_x[i].float() / 127.5 - 1
+    x0, y = img[None], data.val_y[i:i + 1]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
+    maps, routers, parts = [], [], []
+    hw, exponents = None, None
+    for path, model, objective, a in runs:
+        if (a.dataset, a.image_size) != (first.dataset, first.image_size):
+            raise T.UserError(f"{path} was trained on {a.dataset} at {a.image_size}px, {args.ckpt[0]} on "
+                              f"{first.dataset} at {first.image_size}px: compare runs on the same data")
+        if not 0 <= args.layer < len(model.blocks):
+            raise T.UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
+        if not 0 <= args.head < model.blocks[0].attn.num_heads:
+            raise T.UserError(f"--head {args.head} is out of range: {path} has heads 0..{model.blocks[0].attn.num_heads - 1}")
+        name = f"{a.attn} ({Path(path).parent.name})"
+        for t in args.t:
+            attn, x = captured_attention(model, objective, x0, y, t, args.layer, noise)
+            hw = model.hw
+            with torch.no_grad():
+                maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
+                if isinstance(attn, D.DyDiLA):
+                    exponents = attn.kernel_q.exponents.tolist()
+                    routers.append((f"{name} t={t:g}", attn.routing(x), hw))
+                    parts.append((f"{name} t={t:g}", attn.attention_parts(x, hw)))
+    patch = first.image_size // hw[0]
+    queries = scaled_queries(hw)
+    print(f"{len(runs)} checkpoint(s), layer {args.layer}, t = {args.t}, on {first.dataset} validation image {i} "
+          f"({data.classes[int(y)]})")
+    written = ["attention_maps.png", "attention_smoothness.png"]
+    attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, args.head)
+    smoothness_figure(out / "attention_smoothness.png", maps)
+    print_table(maps)
+    if routers:
+        router_figure(out / "router_maps.png", img, patch, routers, exponents)
+        part_rows = [(f"{label}: {part}", A) for label, p in parts for part, A in p.items()]
+        attention_maps_figure(out / "dydila_parts.png", img, patch, queries, part_rows, hw, args.head)
+        written += ["router_maps.png", "dydila_parts.png"]
+    return written
+
+
+def measure(module, x, hw, repeats, device):
+    """Median forward+backward seconds, and peak memory in MiB (CUDA: allocator peak over the
+    call; CPU: bytes autograd saves for backward, the activation memory)."""
+    def once():
+        x.grad = None
+        module(x, hw).float().sum().backward()
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    once()                                                  # warm-up
+    times = []
+    for r in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        saved[0] = 0
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            once()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if times[0] > 5:                                    # slow point: one timed run is enough
+            break
+    mem = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else saved[0]
+    return statistics.median(times), mem / 2**20
+
+
+def scaling(args, out):
+    device = T.pick_device()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else T.nullcontext()
+    sides = [s for s in (16, 32, 64, 128, 256, 512) if s * s <= args.max_tokens]
+    rows, alive = [], set(MECHANISMS)
+    print(f"forward+backward, batch 1, width {args.width}, {args.heads} heads, on {device}"
+          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}; median of {args.repeats} after a warm-up")
+    for side in sides:
+        N, row = side * side, {"tokens": side * side}
+        for kind in MECHANISMS:
+            if kind not in alive:
+                continue
+            torch.manual_seed(0)
+            m = D.ATTENTIONS[kind](args.width, args.heads).to(device)
+            x = torch.randn(1, N, args.width, device=device, requires_grad=True)
+            try:
+                with amp:
+                    sec, mem = measure(m, x, (side, side), args.repeats, device)
+            except (torch.cuda.OutOfMemoryError, MemoryError):
+                del m, x
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                alive.discard(kind)
+                print(f"{kind}: out of memory at {N} tokens; stopping it there")
+                continue
+            row[f"{kind}_ms"], row[f"{kind}_mem_mib"] = 1000 * sec, mem
+            del m, x
+        if "dydila_ms" in row and "linear_ms" in row:
+            row["dydila_over_linear"] = row["dydila_ms"] / row["linear_ms"]
+        rows.append(row)
+        print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    fields = ["tokens"] + [f"{k}_{u}" for k in MECHANISMS for u in ("ms", "mem_mib")] + ["dydila_over_linear"]
+    with open(out / "scaling.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    cross = next((r["tokens"] for r in rows if r.get("linear_ms", math.inf) < r.get("softmax_ms", -1)), None)
+    plt = T.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, kind in enumerate(MECHANISMS):
+        pts = [(r["tokens"], r[f"{kind}_ms"], r[f"{kind}_mem_mib"]) for r in rows if f"{kind}_ms" in r]
+        if pts:
+            n, ms, mem = zip(*pts)
+            a1.plot(n, ms, "o-", color=f"C{i}", label=LABELS[kind])
+            a2.plot(n, mem, "o-", color=f"C{i}", label=LABELS[kind])
+    for ax, ylabel in ((a1, "forward+backward time (ms)"),
+                       (a2, "peak memory (MiB)" if device.type == "cuda" else "activations saved for backward (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=ylabel)
+        ax.grid(alpha=0.3, which="both")
+        if cross:
+            ax.axvline(cross, color="gray", ls="--", lw=1)
+            ax.text(cross, ax.get_ylim()[1], f" linear < softmax from N={cross}", fontsize=8, va="top")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"width {args.width}, {args.heads} heads, batch 1, {device.type}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+    print(f"linear attention is faster than softmax from N = {cross} tokens" if cross else
+          "linear attention was not faster than softmax at any measured size")
+    return ["scaling.csv", "scaling.png"]
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Attention maps, smoothness, router maps and scaling for softmax, linear and DyDiLA.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="viz", help="folder for the PNGs (and CSV)")
+    p.add_argument("--data-dir", default="./data", help="where a CIFAR-10 or Fashion-MNIST image is looked for")
+    p.add_argument("--index", type=int, default=0, help="which held-out image to use")
+    p.add_argument("--head", type=int, default=0, help="the head whose attention maps are drawn (numbers use all heads)")
+    p.add_argument("--width", type=int, default=192, help="channels of the untrained modules and of --scaling")
+    p.add_argument("--heads", type=int, default=3, help="heads of the untrained modules and of --scaling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the untrained modules and of the noise")
+    p.add_argument("--ckpt", nargs="+", default=None, metavar="CKPT", help="train_tiny.py checkpoints to visualise instead")
+    p.add_argument("--layer", type=int, default=None, help="with --ckpt: the block whose attention is shown (default: the middle)")
+    p.add_argument("--t", type=float, nargs="+", default=[0.2, 0.5, 0.8], help="with --ckpt: noise levels t in [0, 1] (1 = pure noise)")
+    p.add_argument("--scaling", action="store_true", help="time and memory against the number of tokens instead")
+    p.add_argument("--max-tokens", type=int, default=None, help="--scaling: largest N (default 16384 on CPU, 262144 on CUDA)")
+    p.add_argument("--repeats", type=int, default=5, help="--scaling: timed runs per point (median)")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.heads < 1 or args.width % args.heads:
+            raise T.UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
+        if not args.ckpt and not 0 <= args.head < args.heads:
+            raise T.UserError(f"--head {args.head} is out of range: the modules have heads 0..{args.heads - 1}")
+        if any(not 0 <= t <= 1 for t in args.t):
+            raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
+        out.mkdir(parents=True, exist_ok=True)
+        if args.scaling:
+            args.max_tokens = args.max_tokens or (262_144 if torch.cuda.is_available() else 16_384)
+            written = scaling(args, out)
+        elif args.ckpt:
+            if args.layer is None:
+                args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2
+            written = from_checkpoints(args, out)
+        else:
+            written = untrained(args, out)
+    except T.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(out / w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
