@@ -1,5 +1,7 @@
-"""Tests for dydilit.py: equivalence with explicit N x N paths, routing, precision, model,
-objectives, learning, and clear errors. CPU only; run with `python -m pytest -q`."""
+"""Tests for dydilit.py (equivalence with explicit N x N paths, routing, precision, model,
+objectives, learning, clear errors), train_tiny.py (loaders on fabricated files in the real
+formats, runs, exact resume, DDP, errors) and visualize.py (metrics, every mode).
+CPU only, offline; run with `python -m pytest -q`."""
 
 import copy
 import csv

@@ -113,15 +113,17 @@ def show_image(ax, img, queries, patch, title):
     ax.axis("off")
 
 
-def attention_maps_figure(path, img, patch, queries, rows, hw, head):
+def attention_maps_figure(path, img, patch, queries, rows, hw, head, title):
     """rows: list of (label, A (1, h, N, N)). One figure row per label, one column per query;
     one colour scale per row."""
     plt = T.pyplot()
     n = len(queries)
-    fig, axes = plt.subplots(len(rows), n + 1, figsize=(2.2 * (n + 1) + 0.6, 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n + 1, figsize=(2.2 * (n + 1) + 0.6, 2.2 * len(rows) + 0.4), squeeze=False,
+                             layout="constrained")
     for i, (label, A) in enumerate(rows):
         show_image(axes[i, 0], img, queries, patch, "queries" if i == 0 else "")
-        axes[i, 0].text(-0.15, 0.5, label, transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
+        axes[i, 0].text(-0.08, 0.5, label.replace(": ", "\n"), transform=axes[i, 0].transAxes, rotation=90,
+                        va="center", ha="right", fontsize=8)
         maps = [A[0, head, r * hw[1] + c].reshape(hw).float() for r, c in queries]
         vmax = max(m.max().item() for m in maps)
         for k, ((r, c), m) in enumerate(zip(queries, maps)):
@@ -131,32 +133,35 @@ def attention_maps_figure(path, img, patch, queries, rows, hw, head):
             ent = row_entropy(m.flatten()[None]).item()
             ax.set_title(f"query {k + 1}: H/logN {ent:.2f}", fontsize=8)
             ax.axis("off")
-        fig.colorbar(im, ax=axes[i, 1:].tolist(), fraction=0.02, pad=0.01)
-    fig.suptitle(f"attention rows on the {hw[0]}x{hw[1]} token grid (head {head}); one colour scale per row", fontsize=10)
+        fig.colorbar(im, ax=axes[i, -1], fraction=0.046, pad=0.04)
+    fig.suptitle(f"{title}: attention rows on the {hw[0]}x{hw[1]} token grid (head {head}); one colour scale per row", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def smoothness_figure(path, results):
+def smoothness_figure(path, results, title):
     """results: list of (label, A). Entropy and top-5% mass distributions over all rows and heads."""
     plt = T.pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.2 + 0.25 * len(results)))
     labels = [label for label, _ in results]
     ents = [row_entropy(A).flatten() for _, A in results]
     tops = [top_mass(A).flatten() for _, A in results]
-    for ax, vals, title in ((a1, ents, "row entropy / log N   (1 = uniform, over-smoothed)"),
-                            (a2, tops, "attention mass on the top 5% of keys   (uniform = 0.05)")):
-        for i, (label, v) in enumerate(zip(labels, vals)):
-            v = v[~torch.isnan(v)].numpy()
-            ax.hist(v, bins=60, range=(0, 1), density=True, histtype="step", lw=2, color=f"C{i}",
-                    label=f"{label}: mean {v.mean():.3f}")
-        ax.set_title(title, fontsize=9)
+    for ax, vals, heading in ((a1, ents, "row entropy / log N   (1 = uniform, over-smoothed)"),
+                              (a2, tops, "attention mass on the top 5% of keys   (uniform = 0.05)")):
+        clean = [v[~torch.isnan(v)].numpy() for v in vals]
+        lo, hi = min(np.percentile(c, 0.5) for c in clean), max(np.percentile(c, 99.5) for c in clean)
+        lo, hi = max(0.0, lo - 0.1 * (hi - lo)), min(1.0, hi + 0.1 * (hi - lo))
+        for i, (label, c) in enumerate(zip(labels, clean)):
+            ax.hist(c, bins=60, range=(lo, hi), density=True, histtype="step", lw=2, color=f"C{i}",
+                    label=f"{label}: mean {c.mean():.3f}")
+        ax.set_xlim(lo, hi)
+        ax.set_title(heading, fontsize=9)
         ax.set_ylabel("density of rows")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    a1.set_xlim(0, 1.02)
-    a2.set_xlim(0, 1.02)
-    a2.axvline(0.05, color="gray", ls=":", lw=1)
+    fig.suptitle(f"{title}: every row of every head", fontsize=10)
+    if a2.get_xlim()[0] <= 0.05:
+        a2.axvline(0.05, color="gray", ls=":", lw=1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -170,37 +175,44 @@ def print_table(results):
               f"{s['zero_rows']:>4}/{s['rows']}")
 
 
-def router_figure(path, img, patch, entries, exponents):
+def router_figure(path, img, patch, entries, exponents, num_projectors):
     """entries: list of (title, routing dict of (1, N) tensors, hw). One row per entry: the choice
-    per token for each router, plus the usage histogram. Warns about collapsed routers."""
+    per token of each router on the token grid, and the share of tokens per choice. Colour k
+    means choice k everywhere. Prints a warning for a collapsed router (> 95% on one choice)."""
     plt = T.pyplot()
-    keys = ["proj_q", "proj_k", "kernel_q", "kernel_k"]
-    fig, axes = plt.subplots(len(entries), 6, figsize=(15, 2.4 * len(entries)), squeeze=False)
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    keys = {"proj_q": "projector for Q'", "proj_k": "projector for K'", "kernel_q": "kernel, queries", "kernel_k": "kernel, keys"}
+    n_choices = max(num_projectors, len(exponents))
+    colours = [f"C{k}" for k in range(n_choices)]
+    cmap = ListedColormap(colours)
+    fig, axes = plt.subplots(len(entries), 6, figsize=(16, 2.6 * len(entries)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1, 1, 1.6]})
     for i, (title, r, hw) in enumerate(entries):
         show_image(axes[i, 0], img, [], patch, "")
         axes[i, 0].text(-0.1, 0.5, title, transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
-        for j, key in enumerate(keys):
-            choice = r[key][0].reshape(hw).numpy()
-            n = len(exponents) if key.startswith("kernel") else int(r[key].max()) + 1
-            ax = axes[i, j + 1]
-            ax.imshow(choice, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-            ax.set_title({"proj_q": "projector u (Q')", "proj_k": "projector v (K')",
-                          "kernel_q": "kernel g (queries)", "kernel_k": "kernel g (keys)"}[key], fontsize=8)
-            ax.axis("off")
-            share = np.bincount(choice.ravel(), minlength=n) / choice.size
-            if share.max() > 0.95 and n > 1:
-                print(f"warning: router {key} ({title}) sends {100 * share.max():.0f}% of tokens to one choice: collapsed")
-        ax = axes[i, 5]
-        width = 0.2
-        for j, key in enumerate(keys):
-            n = len(exponents) if key.startswith("kernel") else max(3, int(r[key].max()) + 1)
-            share = np.bincount(r[key][0].numpy(), minlength=n) / r[key].numel()
-            ax.bar(np.arange(n) + (j - 1.5) * width, share, width, label=key)
-        ax.set_title("usage (share of tokens); kernel index k -> g = " + ",".join(f"{g:g}" for g in exponents), fontsize=7)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        bars = axes[i, 5]
+        for j, (key, name) in enumerate(keys.items()):
+            choice = r[key][0].numpy()
+            n = len(exponents) if key.startswith("kernel") else num_projectors
+            axes[i, j + 1].imshow(choice.reshape(hw), cmap=cmap, vmin=-0.5, vmax=n_choices - 0.5, interpolation="nearest")
+            axes[i, j + 1].set_title(name, fontsize=8)
+            axes[i, j + 1].axis("off")
+            share = np.bincount(choice, minlength=n) / choice.size
+            bars.barh(j, share, left=np.concatenate([[0], np.cumsum(share)[:-1]]), color=colours[:n])
+            if n > 1 and share.max() > 0.95:
+                print(f"warning: {title}: router '{key}' sends {100 * share.max():.0f}% of tokens to one choice (collapsed)")
+        bars.set_yticks(range(4), list(keys.values()), fontsize=7)
+        bars.invert_yaxis()
+        bars.set_xlim(0, 1)
+        bars.set_title("share of tokens per choice", fontsize=8)
+    legend = [Patch(color=colours[k], label=" / ".join(
+        ([f"W^{k + 1}"] if k < num_projectors else []) + ([f"g = {exponents[k]:g}"] if k < len(exponents) else [])))
+        for k in range(n_choices)]
+    fig.legend(handles=legend, loc="lower center", ncol=n_choices, fontsize=8, title="colour = choice (projector / kernel exponent)",
+               title_fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -220,11 +232,13 @@ def untrained(args, out):
             modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).eval()
             results.append((LABELS[kind], modules[kind].attention_matrix(x, hw)))
     print(f"untrained modules (width {args.width}, {args.heads} heads, seed {args.seed}) on {source}")
-    attention_maps_figure(out / "attention_maps.png", img, 2, queries, results, hw, args.head)
-    smoothness_figure(out / "attention_smoothness.png", results)
+    title = "untrained, same Q/K weights"
+    attention_maps_figure(out / "attention_maps.png", img, 2, queries, results, hw, args.head, title)
+    smoothness_figure(out / "attention_smoothness.png", results, title)
     print_table(results)
     dy = modules["dydila"]
-    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy.routing(x), hw)], dy.kernel_q.exponents.tolist())
+    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy.routing(x), hw)],
+                  dy.kernel_q.exponents.tolist(), len(dy.redundancy_q.projectors))
     return ["attention_maps.png", "attention_smoothness.png", "router_maps.png"]
 
 
@@ -269,7 +283,7 @@ def from_checkpoints(args, out):
     x0, y = img[None], data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     maps, routers, parts = [], [], []
-    hw, exponents = None, None
+    hw, exponents, n_proj = None, None, 1
     for path, model, objective, a in runs:
         if (a.dataset, a.image_size) != (first.dataset, first.image_size):
             raise T.UserError(f"{path} was trained on {a.dataset} at {a.image_size}px, {args.ckpt[0]} on "
@@ -286,6 +300,7 @@ def from_checkpoints(args, out):
                 maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
                 if isinstance(attn, D.DyDiLA):
                     exponents = attn.kernel_q.exponents.tolist()
+                    n_proj = len(attn.redundancy_q.projectors) if attn.redundancy_q is not None else 1
                     routers.append((f"{name} t={t:g}", attn.routing(x), hw))
                     parts.append((f"{name} t={t:g}", attn.attention_parts(x, hw)))
     patch = first.image_size // hw[0]
@@ -293,13 +308,14 @@ def from_checkpoints(args, out):
     print(f"{len(runs)} checkpoint(s), layer {args.layer}, t = {args.t}, on {first.dataset} validation image {i} "
           f"({data.classes[int(y)]})")
     written = ["attention_maps.png", "attention_smoothness.png"]
-    attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, args.head)
-    smoothness_figure(out / "attention_smoothness.png", maps)
+    title = f"trained, layer {args.layer}"
+    attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, args.head, title)
+    smoothness_figure(out / "attention_smoothness.png", maps, title)
     print_table(maps)
     if routers:
-        router_figure(out / "router_maps.png", img, patch, routers, exponents)
+        router_figure(out / "router_maps.png", img, patch, routers, exponents, n_proj)
         part_rows = [(f"{label}: {part}", A) for label, p in parts for part, A in p.items()]
-        attention_maps_figure(out / "dydila_parts.png", img, patch, queries, part_rows, hw, args.head)
+        attention_maps_figure(out / "dydila_parts.png", img, patch, queries, part_rows, hw, args.head, f"DyDiLA's parts, layer {args.layer}")
         written += ["router_maps.png", "dydila_parts.png"]
     return written
 
