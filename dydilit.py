@@ -195,7 +195,7 @@ class LinearAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The three DyDiLA designs (DyDiLA paper, Sec. "Method"; abstract designs (i)-(iii))
+# 3. The three DyDiLA designs (DyDiLA paper, abstract designs (i)-(iii); the method section is not public)
 # ----------------------------------------------------------------------------------------
 
 class Router(nn.Module):
