@@ -91,6 +91,8 @@ def focused_kernel(x, g):
     moves its mass onto its largest coordinates: a sharper similarity.
     """
     r = F.relu(x)
+    if not torch.is_tensor(g) and g == 1:
+        return r                                                # phi_1 = relu, exactly and cheaply
     tiny = torch.finfo(r.dtype).tiny
     m = r.amax(-1, keepdim=True)                                # phi_g(m s) = m phi_g(s): work on s = r / m in [0, 1],
     s = r / m.clamp_min(tiny)                                   # so neither s^g nor a norm can overflow
@@ -280,6 +282,7 @@ class DynamicMeasureKernel(nn.Module):
         if min(exponents) < 1:
             raise ValueError(f"kernel_exponents = {exponents}: every exponent must be >= 1 (1 is ReLU)")
         self.register_buffer("exponents", torch.tensor(exponents), persistent=False)  # (n_K,)
+        self.static_exponent = exponents[0] if len(exponents) == 1 else None          # a plain number: no device sync
         self.router = Router(dim, len(exponents)) if len(exponents) > 1 else None     # R^K
 
     def route(self, x):
@@ -290,6 +293,8 @@ class DynamicMeasureKernel(nn.Module):
 
     def forward(self, t, idx):
         """phi_{g_i}(t_i) for head features t: (B, h, N, d), idx: (B, N) -> (B, h, N, d)."""
+        if self.static_exponent is not None:                    # one kernel for every token
+            return focused_kernel(t, self.static_exponent)
         g = self.exponents.to(t.dtype)[idx]                     # (B, N) one exponent per token
         return focused_kernel(t, g[:, None, :, None])           # exponent broadcast over heads and d
 
