@@ -81,6 +81,40 @@ def _no_autocast(t):
 # 1. Kernels
 # ----------------------------------------------------------------------------------------
 
+def _focused_parts(x, g):
+    """relu(x) in the scale-free form: s = relu(x) / max in [0, 1], so neither s^g nor a norm can
+    overflow (phi_g(c s) = c phi_g(s)). Returns m = max, s, u = s^g, S = ||s||, P = ||u||."""
+    r = F.relu(x)
+    tiny = torch.finfo(r.dtype).tiny
+    m = r.amax(-1, keepdim=True)
+    s = r / m.clamp_min(tiny)
+    u = s.pow(g)
+    return m, s, u, s.norm(dim=-1, keepdim=True), u.norm(dim=-1, keepdim=True).clamp_min(tiny)
+
+
+class _FocusedKernel(torch.autograd.Function):
+    """phi_g with a closed-form backward. It saves only x (autograd would keep about ten
+    intermediates of x's size) and recomputes the rest; gradcheck-tested against autograd."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        m, s, u, S, P = _focused_parts(x, g)
+        ctx.save_for_backward(x, g) if torch.is_tensor(g) else ctx.save_for_backward(x)
+        ctx.g = None if torch.is_tensor(g) else g
+        return u * (m * S / P)                                  # relu(x)^g ||relu(x)|| / ||relu(x)^g||
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, G):
+        x, g = ctx.saved_tensors if ctx.g is None else (*ctx.saved_tensors, ctx.g)
+        _, s, u, S, P = _focused_parts(x, g)
+        # phi = u S / P (times m, which cancels): for G = dL/dphi, scale-free in m,
+        #   dL/dr_k = (S/P) g s_k^(g-1) (G_k - (G.u) u_k / P^2)  +  (G.u) s_k / (P S)
+        Gu = (G * u).sum(-1, keepdim=True)
+        dr = (S / P) * g * s.pow(g - 1) * (G - Gu / P / P * u) + Gu / P / S.clamp_min(torch.finfo(S.dtype).tiny) * s
+        return dr * (x > 0), None                               # relu'
+
+
 def focused_kernel(x, g):
     """Focused power kernel (FLatten; LiT "focused kernel"), norms over the head dim:
 
@@ -90,14 +124,9 @@ def focused_kernel(x, g):
     g = 1 is the plain ReLU kernel of LiT / SANA. A larger g keeps the norm of relu(x) but
     moves its mass onto its largest coordinates: a sharper similarity.
     """
-    r = F.relu(x)
     if not torch.is_tensor(g) and g == 1:
-        return r                                                # phi_1 = relu, exactly and cheaply
-    tiny = torch.finfo(r.dtype).tiny
-    m = r.amax(-1, keepdim=True)                                # phi_g(m s) = m phi_g(s): work on s = r / m in [0, 1],
-    s = r / m.clamp_min(tiny)                                   # so neither s^g nor a norm can overflow
-    s_g = s.pow(g)
-    return s_g * (m * s.norm(dim=-1, keepdim=True) / s_g.norm(dim=-1, keepdim=True).clamp_min(tiny))
+        return F.relu(x)                                        # phi_1 = relu, exactly and cheaply
+    return _FocusedKernel.apply(x, g)
 
 
 def linear_attention(q, k, v, eps):

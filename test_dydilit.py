@@ -117,6 +117,22 @@ def test_focused_kernel_matches_its_formula():
     assert torch.isfinite(D.focused_kernel(torch.full((2, 8), 1e30), 4)).all()
 
 
+def test_focused_kernel_backward_matches_autograd():
+    """focused_kernel has a hand-written backward: check it numerically and against autograd of the formula."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    x[0, 1, 2] = -torch.rand(8, dtype=torch.float64)          # a row with no positive entry
+    per_token = torch.tensor([1., 2., 3., 4., 2.], dtype=torch.float64)[None, None, :, None]
+    G = torch.randn_like(x)
+    for g in (2, 3.5, 4, per_token):
+        assert torch.autograd.gradcheck(lambda t: D.focused_kernel(t, g), (x.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        r = F.relu(a)
+        ((r ** g * r.norm(dim=-1, keepdim=True) / (r ** g).norm(dim=-1, keepdim=True).clamp_min(1e-300)) * G).sum().backward()
+        (D.focused_kernel(b, g) * G).sum().backward()
+        torch.testing.assert_close(b.grad, torch.nan_to_num(a.grad), rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------
 # DyDiLA: hard routing, and gradients reach routers and lambda
 # ---------------------------------------------------------------------------------------
