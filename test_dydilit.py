@@ -751,15 +751,16 @@ def test_visualize_default_mode_writes_figures(tmp_path, capsys, monkeypatch):
 
 def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     runs = []
-    for attn in ("linear", "dydila"):
-        out = tmp_path / attn
-        assert T.main([*TINY, "--attn", attn, "--steps", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
+    for name, flags in (("linear", ["--attn", "linear"]), ("dydila", []), ("static", ["--no-dynamic-kernel"])):
+        out = tmp_path / name
+        assert T.main([*TINY, *flags, "--steps", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
         runs.append(str(out / "ckpt.pt"))
     assert V.main(["--out", str(tmp_path / "viz"), "--ckpt", *runs, "--t", "0.3", "0.7"]) == 0
     for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png", "dydila_parts.png"):
         assert (tmp_path / "viz" / name).stat().st_size > 10_000, name
     out = capsys.readouterr().out
     assert "dydila (dydila) t=0.7" in out and "layer 3" in out
+    assert not [w for w in out.splitlines() if w.startswith("warning") and "(static)" in w]  # a static kernel is no collapse
     assert V.main(["--out", str(tmp_path / "viz"), "--ckpt", *runs, "--layer", "9"]) == 2
     assert "--layer 9 is out of range: " in capsys.readouterr().err
 

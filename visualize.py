@@ -175,26 +175,29 @@ def print_table(results):
               f"{s['zero_rows']:>4}/{s['rows']}")
 
 
-def router_figure(path, img, patch, entries, exponents, num_projectors):
-    """entries: list of (title, routing dict of (1, N) tensors, hw). One row per entry: the choice
+def router_figure(path, img, patch, entries):
+    """entries: list of (title, routing dict of (1, N) tensors, hw, n_projectors, kernel exponents),
+    one per DyDiLA (a static side has 1 projector or 1 exponent). One row per entry: the choice
     per token of each router on the token grid, and the share of tokens per choice. Colour k
     means choice k everywhere. Prints a warning for a collapsed router (> 95% on one choice)."""
     plt = T.pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     keys = {"proj_q": "projector for Q'", "proj_k": "projector for K'", "kernel_q": "kernel, queries", "kernel_k": "kernel, keys"}
+    num_projectors = max(e[3] for e in entries)
+    exponents = max((e[4] for e in entries), key=len)
     n_choices = max(num_projectors, len(exponents))
     colours = [f"C{k}" for k in range(n_choices)]
     cmap = ListedColormap(colours)
     fig, axes = plt.subplots(len(entries), 6, figsize=(16, 2.6 * len(entries)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1, 1, 1, 1.6]})
-    for i, (title, r, hw) in enumerate(entries):
+    for i, (title, r, hw, n_proj, exps) in enumerate(entries):
         show_image(axes[i, 0], img, [], patch, "")
         axes[i, 0].text(-0.1, 0.5, title, transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
         bars = axes[i, 5]
         for j, (key, name) in enumerate(keys.items()):
             choice = r[key][0].numpy()
-            n = len(exponents) if key.startswith("kernel") else num_projectors
+            n = len(exps) if key.startswith("kernel") else n_proj
             axes[i, j + 1].imshow(choice.reshape(hw), cmap=cmap, vmin=-0.5, vmax=n_choices - 0.5, interpolation="nearest")
             axes[i, j + 1].set_title(name, fontsize=8)
             axes[i, j + 1].axis("off")
@@ -220,6 +223,11 @@ def router_figure(path, img, patch, entries, exponents, num_projectors):
 # Modes
 # ----------------------------------------------------------------------------------------
 
+def router_sizes(attn):
+    """(number of projectors, kernel exponents) of a DyDiLA module; static sides count 1."""
+    return (len(attn.redundancy_q.projectors) if attn.redundancy_q is not None else 1), attn.kernel_q.exponents.tolist()
+
+
 def untrained(args, out):
     """The three mechanisms, same width, same seed (so the same Q and K), on one image's tokens."""
     img, source = find_image(Path(args.data_dir), args.index)
@@ -237,8 +245,7 @@ def untrained(args, out):
     smoothness_figure(out / "attention_smoothness.png", results, title)
     print_table(results)
     dy = modules["dydila"]
-    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy.routing(x), hw)],
-                  dy.kernel_q.exponents.tolist(), len(dy.redundancy_q.projectors))
+    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy.routing(x), hw, *router_sizes(dy))])
     return ["attention_maps.png", "attention_smoothness.png", "router_maps.png"]
 
 
@@ -283,7 +290,7 @@ def from_checkpoints(args, out):
     x0, y = img[None], data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     maps, routers, parts = [], [], []
-    hw, exponents, n_proj = None, None, 1
+    hw = None
     for path, model, objective, a in runs:
         if (a.dataset, a.image_size) != (first.dataset, first.image_size):
             raise T.UserError(f"{path} was trained on {a.dataset} at {a.image_size}px, {args.ckpt[0]} on "
@@ -299,9 +306,7 @@ def from_checkpoints(args, out):
             with torch.no_grad():
                 maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
                 if isinstance(attn, D.DyDiLA):
-                    exponents = attn.kernel_q.exponents.tolist()
-                    n_proj = len(attn.redundancy_q.projectors) if attn.redundancy_q is not None else 1
-                    routers.append((f"{name} t={t:g}", attn.routing(x), hw))
+                    routers.append((f"{name} t={t:g}", attn.routing(x), hw, *router_sizes(attn)))
                     parts.append((f"{name} t={t:g}", attn.attention_parts(x, hw)))
     patch = first.image_size // hw[0]
     queries = scaled_queries(hw)
@@ -313,7 +318,7 @@ def from_checkpoints(args, out):
     smoothness_figure(out / "attention_smoothness.png", maps, title)
     print_table(maps)
     if routers:
-        router_figure(out / "router_maps.png", img, patch, routers, exponents, n_proj)
+        router_figure(out / "router_maps.png", img, patch, routers)
         part_rows = [(f"{label}: {part}", A) for label, p in parts for part, A in p.items()]
         attention_maps_figure(out / "dydila_parts.png", img, patch, queries, part_rows, hw, args.head, f"DyDiLA's parts, layer {args.layer}")
         written += ["router_maps.png", "dydila_parts.png"]
