@@ -99,8 +99,12 @@ class _FocusedKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g):
         m, s, u, S, P = _focused_parts(x, g)
-        ctx.save_for_backward(x, g) if torch.is_tensor(g) else ctx.save_for_backward(x)
-        ctx.g = None if torch.is_tensor(g) else g
+        if torch.is_tensor(g):                                  # one exponent per token
+            ctx.save_for_backward(x, g)
+            ctx.g = None
+        else:
+            ctx.save_for_backward(x)
+            ctx.g = g
         return u * (m * S / P)                                  # relu(x)^g ||relu(x)|| / ||relu(x)^g||
 
     @staticmethod

@@ -282,7 +282,7 @@ def from_checkpoints(args, out):
     runs = [(p, *load_run(p)) for p in args.ckpt]
     first = runs[0][3]
     try:
-        data = T.load_data(argparse.Namespace(**{**vars(first), "data_dir": first.data_dir}))
+        data = T.load_data(first)
     except T.UserError as e:
         raise T.UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
     i = args.index % len(data.val_x)
