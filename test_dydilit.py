@@ -118,19 +118,29 @@ def test_focused_kernel_matches_its_formula():
 
 
 def test_focused_kernel_backward_matches_autograd():
-    """focused_kernel has a hand-written backward: check it numerically and against autograd of the formula."""
+    """focused_kernel has a hand-written backward (and a per-token scale folded into it): check it
+    numerically and against autograd of the plain formula, for a number g and per-token g."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     x[0, 1, 2] = -torch.rand(8, dtype=torch.float64)          # a row with no positive entry
-    per_token = torch.tensor([1., 2., 3., 4., 2.], dtype=torch.float64)[None, None, :, None]
+    exps = torch.tensor([1, 2, 3, 4, 2])
+    one_hot = F.one_hot(exps - 1).double()[None, None, :, None, :]   # (1, 1, 5, 1, 4): g per token
+    per_token = exps.double()[None, None, :, None]              # the same exponents, for the formula
+    scale = (torch.rand(2, 1, 5, 1, dtype=torch.float64) + 0.5).requires_grad_()  # per token, shared by heads
     G = torch.randn_like(x)
-    for g in (2, 3.5, 4, per_token):
-        assert torch.autograd.gradcheck(lambda t: D.focused_kernel(t, g), (x.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+    for g, g_formula in ((2, 2), (3.5, 3.5), (4, 4), (one_hot, per_token)):
+        assert torch.autograd.gradcheck(lambda t, c: D.focused_kernel(t, g, c), (x.clone().requires_grad_(), scale),
+                                        eps=1e-6, atol=1e-7)
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        sa, sb = scale.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
         r = F.relu(a)
-        ((r ** g * r.norm(dim=-1, keepdim=True) / (r ** g).norm(dim=-1, keepdim=True).clamp_min(1e-300)) * G).sum().backward()
-        (D.focused_kernel(b, g) * G).sum().backward()
+        want = sa * r ** g_formula * r.norm(dim=-1, keepdim=True) / (r ** g_formula).norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        (want * G).sum().backward()
+        got = D.focused_kernel(b, g, sb)
+        torch.testing.assert_close(got, torch.nan_to_num(want.detach()))
+        (got * G).sum().backward()
         torch.testing.assert_close(b.grad, torch.nan_to_num(a.grad), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sb.grad, sa.grad, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,6 +176,55 @@ def test_routing_is_hard_and_matches_direct_computation():
     q_feat, k_feat, _ = m.features(x)
     torch.testing.assert_close(q_feat, direct(q, m.redundancy_q, m.kernel_q, r["proj_q"], r["kernel_q"]))
     torch.testing.assert_close(k_feat, direct(k, m.redundancy_k, m.kernel_k, r["proj_k"], r["kernel_k"]))
+
+
+def reference_dydila(m, x, hw):
+    """DyDiLA written the slow, obvious way with plain autograd: every projector for every token,
+    the kernel as pow of the formula, each router's gate multiplying its chosen output, lambda
+    multiplying phi(t'). dydilit.py instead dispatches tokens to one projector, evaluates the
+    per-token power by Horner's rule, and folds the gates and lambda into the kernel's output scale."""
+    B, _, C = x.shape
+    h = m.num_heads
+    q, k, v = m.qkv(x).view(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+
+    def choose(router):                                         # hard choice and straight-through gate
+        logits = x @ router.weight.T
+        idx = logits.argmax(-1)
+        p = logits.softmax(-1).gather(-1, idx[..., None])[..., 0]
+        return idx, (1 + p - p.detach())
+
+    def side(t, proj, kern):
+        u, gate_p = choose(proj.router)
+        every = torch.stack([W(x) for W in proj.projectors], -2)             # (B, N, n_P, C)
+        t_r = every.gather(-2, u[..., None, None].expand(B, N, 1, C))[..., 0, :] * gate_p[..., None]
+        t_r = t_r.view(B, N, h, C // h).transpose(1, 2)                      # (B, h, N, d)
+        c, gate_k = choose(kern.router)
+        g = kern.exponents[c][:, None, :, None]                              # (B, 1, N, 1)
+
+        def phi(z):
+            r = F.relu(z)
+            return r ** g * r.norm(dim=-1, keepdim=True) / (r ** g).norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        lam = torch.sigmoid(m.differential.theta)[:, None, None]
+        return F.relu(phi(t) * gate_k[:, None, :, None] - lam * phi(t_r))
+
+    o = D.linear_attention(side(q, m.redundancy_q, m.kernel_q), side(k, m.redundancy_k, m.kernel_k), v, m.eps)
+    return m.proj(D._merge_heads(o + m.local(v, hw)))
+
+
+def test_dydila_fast_path_matches_the_obvious_one_with_gradients():
+    m, x = make_attention("dydila", C=32, heads=4, seed=5), tokens(seed=6).requires_grad_()
+    r = m.routing(x)
+    assert all(len(r[key].unique()) > 1 for key in r)          # every router really mixes its choices
+    G = torch.randn(2, N, 32, dtype=torch.float64)
+    want = reference_dydila(m, x, HW)
+    grads_want = torch.autograd.grad((want * G).sum(), [x, *m.parameters()], allow_unused=True)
+    got = m(x, HW)
+    grads_got = torch.autograd.grad((got * G).sum(), [x, *m.parameters()], allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, grads_got, grads_want):
+        assert a is not None and b is not None, name
+        torch.testing.assert_close(a, torch.nan_to_num(b), rtol=1e-9, atol=1e-11, msg=lambda e: f"{name}: {e}")
 
 
 def test_routers_and_lambda_receive_gradients():
@@ -408,7 +467,8 @@ def test_attention_input_errors(kind):
     (dict(attn_kwargs=dict(num_projectors=0)), "num_projectors = 0 must be >= 1"),
     (dict(attn_kwargs=dict(kernel_exponents=())), "kernel_exponents is empty"),
     (dict(attn_kwargs=dict(kernel_exponents=("relu", 2))), "unknown kernel 'relu'"),
-    (dict(attn_kwargs=dict(kernel_exponents=(0.5, 2))), "every exponent must be >= 1"),
+    (dict(attn_kwargs=dict(kernel_exponents=(0.5, 2))), "every exponent must be a whole number >= 1"),
+    (dict(attn_kwargs=dict(kernel_exponents=(1, 2.5))), "every exponent must be a whole number >= 1"),
     (dict(attn_kwargs=dict(lambda_init=1.5)), r"lambda_init = 1.5 must lie in \(0, 1\)"),
     (dict(attn="linear", attn_kwargs=dict(dwc_kernel_size=4)), "dwc_kernel_size = 4 must be odd"),
 ])
@@ -763,6 +823,19 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     assert not [w for w in out.splitlines() if w.startswith("warning") and "(static)" in w]  # a static kernel is no collapse
     assert V.main(["--out", str(tmp_path / "viz"), "--ckpt", *runs, "--layer", "9"]) == 2
     assert "--layer 9 is out of range: " in capsys.readouterr().err
+
+    # --ablation: the runs grouped into rows, seeds of one configuration together
+    assert T.main([*TINY, "--seed", "1", "--steps", "2", "--sample-every", "100", "--out-dir", str(tmp_path / "dydila_s1")]) == 0
+    runs.append(str(tmp_path / "dydila_s1" / "ckpt.pt"))
+    assert V.main(["--out", str(tmp_path / "abl"), "--ckpt", *runs, "--ablation", "--t", "0.5"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    labels = [line.split(" | ")[0][2:] for line in table[2:]]
+    assert labels == ["LiT (linear)", "DyDi-LiT", "DyDi-LiT, no dynamic kernel"]
+    assert len(table[3].split(" | ")[1].split(" / ")) == 2  # DyDi-LiT: two seeds' validation losses
+    for name in ("ablation.png", "ablation_samples.png"):
+        assert (tmp_path / "abl" / name).stat().st_size > 10_000, name
+    assert V.main(["--out", str(tmp_path / "abl"), "--ablation"]) == 2
+    assert "--ablation draws train_tiny.py runs" in capsys.readouterr().err
 
 
 def test_visualize_scaling_writes_csv_and_plot(tmp_path):

@@ -15,6 +15,7 @@ Smoothness of one attention row a (a distribution over the N keys):
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import sys
@@ -325,35 +326,141 @@ def from_checkpoints(args, out):
     return written
 
 
-def measure(module, x, hw, repeats, device):
-    """Median forward+backward seconds, and peak memory in MiB (CUDA: allocator peak over the
-    call; CPU: bytes autograd saves for backward, the activation memory)."""
-    def once():
-        x.grad = None
-        module(x, hw).float().sum().backward()
+def run_label(a):
+    """The ablation row a train_tiny run belongs to, from its arguments (seeds share a row)."""
+    if a.attn != "dydila":
+        return {"softmax": "DiT (softmax)", "linear": "LiT (linear)"}[a.attn]
+    off = [name for name, flag in (("dynamic projection", a.no_dynamic_projection), ("dynamic kernel", a.no_dynamic_kernel),
+                                   ("token differential", a.no_token_differential)) if flag]
+    return "DyDi-LiT" + ("".join(f", no {name}" for name in off))
+
+
+def ablation(args, out):
+    """Runs that differ in attention and seed, side by side: loss curves (mean over seeds, band =
+    min..max), validation loss, and mean normalised row entropy at one layer (at each --t), plus
+    the table. The entropy uses a held-out image and fixed noise, as --ckpt does."""
+    rows, firsts = {}, []
+    for path in args.ckpt:
+        model, objective, a = load_run(path)
+        log = Path(path).parent / "log.jsonl"
+        if not log.exists():
+            raise T.UserError(f"{log} is missing: --ablation reads each run's log next to its checkpoint")
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if run_label(a) not in rows:
+            firsts.append((run_label(a), path))
+        rows.setdefault(run_label(a), []).append((a, model, objective, records))
+    first = next(iter(rows.values()))[0][0]
+    data = T.load_data(first)
+    img = data.val_x[args.index % len(data.val_x)].float() / 127.5 - 1
+    x0, y = img[None], data.val_y[args.index % len(data.val_x):][:1]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
+    table = []
+    plt = T.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for i, (label, runs) in enumerate(rows.items()):
+        color = f"C{i}"
+        curves = [{r["step"]: r["loss"] for r in rec if "loss" in r} for _, _, _, rec in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        losses = torch.tensor([[c[s] for s in steps] for c in curves])   # (seeds, steps)
+        a1.plot(steps, losses.mean(0), color=color, label=f"{label} ({len(runs)} seeds)")
+        a1.fill_between(steps, losses.amin(0), losses.amax(0), color=color, alpha=0.2)
+        entry = {"label": label, "val": [], "entropy": [], "img_s": []}
+        for a, model, objective, rec in runs:
+            val = [r for r in rec if "val_loss" in r]
+            a1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, mfc="none")
+            entry["val"].append(val[-1]["val_loss"] if val else math.nan)
+            speed = [r["img_per_s"] for r in rec if "img_per_s" in r][1:]   # the first interval includes warm-up
+            entry["img_s"].append(statistics.median(speed) if speed else math.nan)
+            ent = []
+            for t in args.t:
+                attn, x = captured_attention(model, objective, x0, y, t, args.layer, noise)
+                with torch.no_grad():
+                    ent.append(row_entropy(attn.attention_matrix(x, model.hw)).mean().item())
+            entry["entropy"].append(ent)
+        e = torch.tensor(entry["entropy"])                                  # (seeds, t)
+        for j, t in enumerate(args.t):
+            a2.plot([i + 0.12 * (j - (len(args.t) - 1) / 2)] * len(e), e[:, j], "os^dv"[j % 5], color=color, mfc="none",
+                    label=f"t = {t:g}" if i == 0 else None)
+        a2.plot(i, e.mean(), "_", color=color, ms=22, mew=2)
+        table.append(entry)
+    a1.set(xlabel="step", ylabel="training loss", yscale="log",
+           title="training loss: mean over seeds, band = min..max; o = validation loss (fixed noise)")
+    a1.title.set_fontsize(9)
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    a2.set_xticks(range(len(rows)), list(rows), fontsize=7, rotation=20, ha="right")
+    a2.set(ylabel="mean row entropy / log N", title=f"attention entropy, layer {args.layer} (dash: mean)")
+    a2.title.set_fontsize(9)
+    a2.legend(fontsize=8, title="noise level", title_fontsize=8)
+    a2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=110)
+    plt.close(fig)
+    written = ["ablation.png"]
+    grids = [(label, Path(p).parent / "samples_final.png") for label, p in firsts]
+    if all(g.exists() for _, g in grids):                                # each row's first run's final EMA samples
+        fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.4))
+        for ax, (label, g) in zip(np.atleast_1d(axes), grids):
+            ax.imshow(plt.imread(g))
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "ablation_samples.png", dpi=110)
+        plt.close(fig)
+        written.append("ablation_samples.png")
+    seeds = max(len(e["val"]) for e in table)
+    fmt = lambda v: " / ".join("-" if math.isnan(x) else f"{x:.4f}" for x in v)
+    print(f"| row | val loss (per seed) | mean | spread | entropy / log N at t = {', '.join(f'{t:g}' for t in args.t)} "
+          f"(per seed) | img/s (per seed) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for e in table:
+        v = [x for x in e["val"] if not math.isnan(x)]
+        ent = " / ".join(", ".join(f"{x:.3f}" for x in s) for s in e["entropy"])
+        print(f"| {e['label']} | {fmt(e['val'])} | {statistics.mean(v):.4f} | {max(v) - min(v):.4f} | {ent} | "
+              f"{' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
+    if seeds < 2:
+        print("note: one seed per row, so the spread cannot be told from noise; run each row with 2+ seeds")
+    return written
+
+
+def measure(modules, x, hw, repeats, device):
+    """Forward+backward seconds (median) and peak memory in MiB (CUDA: allocator peak over the
+    call; CPU: bytes autograd saves for backward, the activation memory) of each module on x.
+    The modules take turns, one call each per round, so that a shared machine's slow spells
+    fall on all of them alike."""
     saved = [0]
 
     def pack(t):
         saved[0] += t.numel() * t.element_size()
         return t
-    once()                                                  # warm-up
-    times = []
-    for r in range(repeats):
+
+    def once(module):
+        x.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         saved[0] = 0
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            once()
+            module(x, hw).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        if times[0] > 5:                                    # slow point: one timed run is enough
-            break
-    mem = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else saved[0]
-    return statistics.median(times), mem / 2**20
+        sec = time.perf_counter() - t0
+        return sec, ((torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else saved[0]) / 2**20
+
+    memory, times = {}, {}
+    for kind, m in modules.items():                             # warm-up: its memory counts, its time not
+        try:
+            memory[kind], times[kind] = once(m)[1], []
+        except (torch.cuda.OutOfMemoryError, MemoryError):     # this mechanism stops here
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for r in range(repeats):
+        for kind in times:
+            if r == 0 or times[kind][0] < 5:                    # a slow point: one timed run is enough
+                times[kind].append(once(modules[kind])[0])
+    return {kind: (statistics.median(times[kind]), memory[kind]) for kind in times}
 
 
 def scaling(args, out):
@@ -362,27 +469,23 @@ def scaling(args, out):
     sides = [s for s in (16, 32, 64, 128, 256, 512) if s * s <= args.max_tokens]
     rows, alive = [], set(MECHANISMS)
     print(f"forward+backward, batch 1, width {args.width}, {args.heads} heads, on {device}"
-          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}; median of {args.repeats} after a warm-up")
+          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}; median of {args.repeats} interleaved rounds after a warm-up")
     for side in sides:
         N, row = side * side, {"tokens": side * side}
+        x = torch.randn(1, N, args.width, device=device, requires_grad=True)
+        modules = {}
         for kind in MECHANISMS:
-            if kind not in alive:
-                continue
-            torch.manual_seed(0)
-            m = D.ATTENTIONS[kind](args.width, args.heads).to(device)
-            x = torch.randn(1, N, args.width, device=device, requires_grad=True)
-            try:
-                with amp:
-                    sec, mem = measure(m, x, (side, side), args.repeats, device)
-            except (torch.cuda.OutOfMemoryError, MemoryError):
-                del m, x
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                alive.discard(kind)
-                print(f"{kind}: out of memory at {N} tokens; stopping it there")
-                continue
+            if kind in alive:
+                torch.manual_seed(0)
+                modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).to(device)
+        with amp:
+            results = measure(modules, x, (side, side), args.repeats, device)
+        for kind in set(modules) - set(results):
+            alive.discard(kind)
+            print(f"{kind}: out of memory at {N} tokens; stopping it there")
+        for kind, (sec, mem) in results.items():
             row[f"{kind}_ms"], row[f"{kind}_mem_mib"] = 1000 * sec, mem
-            del m, x
+        del modules, x
         if "dydila_ms" in row and "linear_ms" in row:
             row["dydila_over_linear"] = row["dydila_ms"] / row["linear_ms"]
         rows.append(row)
@@ -415,6 +518,17 @@ def scaling(args, out):
     plt.close(fig)
     print(f"linear attention is faster than softmax from N = {cross} tokens" if cross else
           "linear attention was not faster than softmax at any measured size")
+    dydi = {r["tokens"]: r for r in rows if "dydila_ms" in r}
+    cross_dydi = next((n for n, r in dydi.items() if r["dydila_ms"] < r.get("softmax_ms", -1)), None)
+    print(f"DyDiLA is faster than softmax from N = {cross_dydi} tokens" if cross_dydi else
+          "DyDiLA was not faster than softmax at any measured size")
+    ratios = [r["dydila_over_linear"] for n, r in dydi.items() if n >= 1024 and "dydila_over_linear" in r]
+    if ratios:
+        print(f"DyDiLA / linear attention time at N >= 1024: {min(ratios):.2f} - {max(ratios):.2f}")
+    if 1024 in dydi and max(dydi) > 1024:
+        n = max(dydi)
+        print(f"DyDiLA time at N = {n} / at N = 1024: {dydi[n]['dydila_ms'] / dydi[1024]['dydila_ms']:.1f} "
+              f"(tokens x{n // 1024})")
     return ["scaling.csv", "scaling.png"]
 
 
@@ -431,6 +545,8 @@ def get_parser():
     p.add_argument("--ckpt", nargs="+", default=None, metavar="CKPT", help="train_tiny.py checkpoints to visualise instead")
     p.add_argument("--layer", type=int, default=None, help="with --ckpt: the block whose attention is shown (default: the middle)")
     p.add_argument("--t", type=float, nargs="+", default=[0.2, 0.5, 0.8], help="with --ckpt: noise levels t in [0, 1] (1 = pure noise)")
+    p.add_argument("--ablation", action="store_true", help="with --ckpt: group the runs into rows (seeds together) and "
+                   "draw loss curves and attention entropy side by side (ablation.png), and print the table")
     p.add_argument("--scaling", action="store_true", help="time and memory against the number of tokens instead")
     p.add_argument("--max-tokens", type=int, default=None, help="--scaling: largest N (default 16384 on CPU, 262144 on CUDA)")
     p.add_argument("--repeats", type=int, default=5, help="--scaling: timed runs per point (median)")
@@ -448,13 +564,15 @@ def main(argv=None):
         if any(not 0 <= t <= 1 for t in args.t):
             raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
         out.mkdir(parents=True, exist_ok=True)
+        if args.ablation and not args.ckpt:
+            raise T.UserError("--ablation draws train_tiny.py runs: give their checkpoints with --ckpt runs/*/ckpt.pt")
         if args.scaling:
             args.max_tokens = args.max_tokens or (262_144 if torch.cuda.is_available() else 16_384)
             written = scaling(args, out)
         elif args.ckpt:
             if args.layer is None:
                 args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2
-            written = from_checkpoints(args, out)
+            written = ablation(args, out) if args.ablation else from_checkpoints(args, out)
         else:
             written = untrained(args, out)
     except T.UserError as e:
