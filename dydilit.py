@@ -112,7 +112,8 @@ class _FocusedKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, scale):
         s = F.relu(x)
-        S = torch.linalg.vector_norm(s, dim=-1, keepdim=True, dtype=torch.float64).to(s.dtype)  # no overflow for |x| < 1e38
+        # ||relu(x)|| accumulated in float64: relu(x)^2 overflows float32 from |x| ~ 1e19
+        S = torch.linalg.vector_norm(s, dim=-1, keepdim=True, dtype=torch.float64).to(s.dtype)
         s.div_(S.clamp_min(torch.finfo(s.dtype).tiny))          # s (zero stays zero)
         w = _power(s, g)                                        # s^(g-1)
         u = w * s                                               # s^g
