@@ -119,10 +119,11 @@ class _FocusedKernel(torch.autograd.Function):
         u = w * s                                               # s^g
         P = u.norm(dim=-1, keepdim=True)
         P = torch.where(P > 0, P, 1.0)                          # a row with x <= 0 everywhere: u = 0 = phi
-        ctx.save_for_backward(s, w, P, S / P, *[t for t in (g, scale) if torch.is_tensor(t)])
+        S_P = S / P
+        ctx.save_for_backward(s, w, P, S_P, *[t for t in (g, scale) if torch.is_tensor(t)])
         ctx.g = None if torch.is_tensor(g) else g
         ctx.scale = None if torch.is_tensor(scale) else scale
-        return u.mul_(S / P * scale)                            # scale relu(x)^g ||relu(x)|| / ||relu(x)^g||
+        return u.mul_(S_P * scale)                            # scale relu(x)^g ||relu(x)|| / ||relu(x)^g||
 
     @staticmethod
     @torch.autograd.function.once_differentiable

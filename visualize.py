@@ -342,6 +342,8 @@ def ablation(args, out):
     rows, firsts = {}, []
     for path in args.ckpt:
         model, objective, a = load_run(path)
+        if not 0 <= args.layer < len(model.blocks):
+            raise T.UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
         log = Path(path).parent / "log.jsonl"
         if not log.exists():
             raise T.UserError(f"{log} is missing: --ablation reads each run's log next to its checkpoint")
@@ -351,8 +353,8 @@ def ablation(args, out):
         rows.setdefault(run_label(a), []).append((a, model, objective, records))
     first = next(iter(rows.values()))[0][0]
     data = T.load_data(first)
-    img = data.val_x[args.index % len(data.val_x)].float() / 127.5 - 1
-    x0, y = img[None], data.val_y[args.index % len(data.val_x):][:1]
+    i = args.index % len(data.val_x)
+    x0, y = data.val_x[i:i + 1].float() / 127.5 - 1, data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     table = []
     plt = T.pyplot()
