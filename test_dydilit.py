@@ -825,13 +825,19 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     assert "--layer 9 is out of range: " in capsys.readouterr().err
 
     # --ablation: the runs grouped into rows, seeds of one configuration together
-    assert T.main([*TINY, "--seed", "1", "--steps", "2", "--sample-every", "100", "--out-dir", str(tmp_path / "dydila_s1")]) == 0
-    runs.append(str(tmp_path / "dydila_s1" / "ckpt.pt"))
+    # (a second seed that ran longer: every row is compared at the last validation step all runs reached)
+    s1 = tmp_path / "dydila_s1"
+    assert T.main([*TINY, "--seed", "1", "--steps", "4", "--eval-every", "2", "--sample-every", "100", "--out-dir", str(s1)]) == 0
+    runs.append(str(s1 / "ckpt.pt"))
     assert V.main(["--out", str(tmp_path / "abl"), "--ckpt", *runs, "--ablation", "--t", "0.5"]) == 0
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    out = capsys.readouterr().out
+    assert "all rows are compared at step 2" in out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
     labels = [line.split(" | ")[0][2:] for line in table[2:]]
     assert labels == ["LiT (linear)", "DyDi-LiT", "DyDi-LiT, no dynamic kernel"]
-    assert len(table[3].split(" | ")[1].split(" / ")) == 2  # DyDi-LiT: two seeds' validation losses
+    vals = table[3].split(" | ")[1].split(" / ")                # DyDi-LiT: two seeds' validation losses
+    s1_val = next(json.loads(r)["val_loss"] for r in (s1 / "log.jsonl").read_text().splitlines() if '"val_loss"' in r)
+    assert len(vals) == 2 and float(vals[1]) == pytest.approx(s1_val, abs=1e-4)   # seed 1's loss at step 2, not 4
     for name in ("ablation.png", "ablation_samples.png"):
         assert (tmp_path / "abl" / name).stat().st_size > 10_000, name
     assert V.main(["--out", str(tmp_path / "abl"), "--ablation"]) == 2

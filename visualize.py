@@ -351,6 +351,10 @@ def ablation(args, out):
         if run_label(a) not in rows:
             firsts.append((run_label(a), path))
         rows.setdefault(run_label(a), []).append((a, model, objective, records))
+    # every row is compared at the last validation step that all runs reached (a run stopped early
+    # by Ctrl-C / SIGTERM has fewer validation points)
+    reached = [{r["step"] for r in rec if "val_loss" in r} for runs in rows.values() for *_, rec in runs]
+    val_step = max(set.intersection(*reached), default=None)
     first = next(iter(rows.values()))[0][0]
     data = T.load_data(first)
     i = args.index % len(data.val_x)
@@ -370,7 +374,7 @@ def ablation(args, out):
         for a, model, objective, rec in runs:
             val = [r for r in rec if "val_loss" in r]
             a1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, mfc="none")
-            entry["val"].append(val[-1]["val_loss"] if val else math.nan)
+            entry["val"].append(next((r["val_loss"] for r in val if r["step"] == val_step), math.nan))
             speed = [r["img_per_s"] for r in rec if "img_per_s" in r][1:]   # the first interval includes warm-up
             entry["img_s"].append(statistics.median(speed) if speed else math.nan)
             ent = []
@@ -412,13 +416,18 @@ def ablation(args, out):
         written.append("ablation_samples.png")
     seeds = max(len(e["val"]) for e in table)
     fmt = lambda v: " / ".join("-" if math.isnan(x) else f"{x:.4f}" for x in v)
-    print(f"| row | val loss (per seed) | mean | spread | entropy / log N at t = {', '.join(f'{t:g}' for t in args.t)} "
+    if val_step is None:
+        print("note: the runs share no validation step, so the table has no validation loss")
+    elif any(max(s) > val_step for s in reached):
+        print(f"note: not every run reached its last validation step; all rows are compared at step {val_step}")
+    print(f"| row | val loss at step {val_step} (per seed) | mean | spread | entropy / log N at t = {', '.join(f'{t:g}' for t in args.t)} "
           f"(per seed) | img/s (per seed) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for e in table:
         v = [x for x in e["val"] if not math.isnan(x)]
         ent = " / ".join(", ".join(f"{x:.3f}" for x in s) for s in e["entropy"])
-        print(f"| {e['label']} | {fmt(e['val'])} | {statistics.mean(v):.4f} | {max(v) - min(v):.4f} | {ent} | "
+        mean, spread = (statistics.mean(v), max(v) - min(v)) if v else (math.nan, math.nan)
+        print(f"| {e['label']} | {fmt(e['val'])} | {mean:.4f} | {spread:.4f} | {ent} | "
               f"{' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
     if seeds < 2:
         print("note: one seed per row, so the spread cannot be told from noise; run each row with 2+ seeds")
