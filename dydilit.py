@@ -73,6 +73,13 @@ def _fp32(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _fp32_contiguous(t):
+    """_fp32(t) in the contiguous layout, in one copy: the cast and the relayout share a pass."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.to(torch.float32, memory_format=torch.contiguous_format)
+    return t.contiguous()
+
+
 def _no_autocast(t):
     return torch.autocast(t.device.type, enabled=False)
 
@@ -288,8 +295,9 @@ class DynamicProjection(nn.Module):
 
         X'_i = X_i W^{u_i},  u_i = argmax_u (X_i R^P)_u,  W^j in R^{C x C} (shared across heads).
 
-    Only the chosen projector runs for each token (tokens are grouped by choice), so the
-    cost is one C x C matmul per token whatever n_P is. n_P = 1 is a static projector.
+    On a CPU only the chosen projector runs for each token (`grouped`: one C x C matmul per
+    token whatever n_P is); on a GPU all of them do and each token keeps its own (`dense`).
+    n_P = 1 is a static projector.
     """
 
     def __init__(self, dim, num_projectors):
@@ -311,15 +319,28 @@ class DynamicProjection(nn.Module):
         if self.router is None:
             return self.projectors[0](x), None                  # (B, N, C)
         idx, gate = self.router(x)                              # (B, N) hard choice u_i, straight-through gate
+        # choice: on a CPU each token runs only its projector (FLOPs are what cost there); on a
+        # GPU every projector runs on every token and each token keeps its own: n_P x the matmul
+        # work, but no host synchronisation and a few large kernels instead of many small ones.
+        return (self.grouped(x, idx) if x.device.type == "cpu" else self.dense(x, idx)), gate
+
+    def grouped(self, x, idx):
+        """X_i W^{u_i} with tokens grouped by projector: one C x C product per token. (B, N, C)."""
         B, N, C = x.shape
         x, idx = x.reshape(B * N, C), idx.reshape(B * N)        # (B*N, C), (B*N,)
         order = idx.argsort()                                   # tokens grouped by their projector
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)  # the inverse permutation
-        counts = torch.bincount(idx, minlength=len(self.projectors)).tolist()
+        counts = torch.bincount(idx, minlength=len(self.projectors)).tolist()  # (host sync)
         groups = x.index_select(0, order).split(counts)         # (count_j, C) each; x[order]'s backward is 4x slower
         y = torch.cat([W(xs) for W, xs in zip(self.projectors, groups)])  # X_i W^{u_i}, grouped (B*N, C)
-        return y.index_select(0, inverse).view(B, N, C), gate   # back to token order
+        return y.index_select(0, inverse).view(B, N, C)         # back to token order
+
+    def dense(self, x, idx):
+        """X_i W^{u_i} from every projector on every token: one (C, n_P C) product. (B, N, C)."""
+        W = torch.cat([p.weight for p in self.projectors])     # (n_P C, C)
+        y = F.linear(x, W).unflatten(-1, (len(self.projectors), -1))  # X_i W^u for all u  (B, N, n_P, C)
+        return y.gather(2, idx[:, :, None, None].expand(-1, -1, 1, y.shape[-1])).squeeze(2)  # (B, N, C)
 
 
 class DynamicMeasureKernel(nn.Module):
@@ -442,16 +463,16 @@ class DyDiLA(LinearAttention):
         # cancels in the normaliser, so the query router learns through the difference
         # (with token_differential off, the query-side kernel router gets no gradient).
         gate = 1.0 if kernel_gate is None else kernel_gate[:, None, :, None]  # (B, 1, N, 1)
-        # .contiguous(): DyDiLA runs ~6% faster on a CPU (N >= 4096) when the kernel's input has
+        # contiguous: DyDiLA runs ~6% faster on a CPU (N >= 4096) when the kernel's input has
         # the (B, h, N, d) layout of the gradients that come back from the product.
-        phi = kernel(_fp32(t).contiguous(), c, gate)            # phi_{g_i}(t_i)          (B, h, N, d)
+        phi = kernel(_fp32_contiguous(t), c, gate)              # phi_{g_i}(t_i)          (B, h, N, d)
         if self.differential is None:
             return phi
         # choice: the redundancy t'_i goes through the same kernel phi_{g_i} as t_i, so the
         # difference compares like with like (the abstract: the redundancy is "produced by
         # the dynamic measure kernel").
         r, proj_gate = redundancy(x)                            # t'_i = X_i W^{u_i}      (B, N, C)
-        r = _fp32(_split_heads(r, self.num_heads)).contiguous()  # (B, h, N, d)
+        r = _fp32_contiguous(_split_heads(r, self.num_heads))   # (B, h, N, d)
         lam_phi_r = kernel(r, c, self.differential.weight(proj_gate))  # lambda_h phi_{g_i}(t'_i)
         return self.differential(phi, lam_phi_r)                # relu(phi(t) - lambda_h phi(t'))
 

@@ -211,7 +211,10 @@ def reference_dydila(m, x, hw):
     return m.proj(D._merge_heads(o + m.local(v, hw)))
 
 
-def test_dydila_fast_path_matches_the_obvious_one_with_gradients():
+@pytest.mark.parametrize("dispatch", ["grouped", "dense"])
+def test_dydila_fast_path_matches_the_obvious_one_with_gradients(dispatch, monkeypatch):
+    # forward groups tokens by projector on a CPU and gathers from all projectors on a GPU: test both here
+    monkeypatch.setattr(D.DynamicProjection, "grouped", getattr(D.DynamicProjection, dispatch))
     m, x = make_attention("dydila", C=32, heads=4, seed=5), tokens(seed=6).requires_grad_()
     r = m.routing(x)
     assert all(len(r[key].unique()) > 1 for key in r)          # every router really mixes its choices
