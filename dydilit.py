@@ -319,8 +319,8 @@ class DynamicProjection(nn.Module):
         if self.router is None:
             return self.projectors[0](x), None                  # (B, N, C)
         idx, gate = self.router(x)                              # (B, N) hard choice u_i, straight-through gate
-        # choice: on a CPU each token runs only its projector (FLOPs are what cost there); on a
-        # GPU every projector runs on every token and each token keeps its own: n_P x the matmul
+        # Same values either way: on a CPU each token runs only its projector (FLOPs cost there);
+        # on a GPU every projector runs on every token and each keeps its own: n_P x the matmul
         # work, but no host synchronisation and a few large kernels instead of many small ones.
         return (self.grouped(x, idx) if x.device.type == "cpu" else self.dense(x, idx)), gate
 
