@@ -230,6 +230,41 @@ def test_dydila_fast_path_matches_the_obvious_one_with_gradients(dispatch, monke
         torch.testing.assert_close(a, torch.nan_to_num(b), rtol=1e-9, atol=1e-11, msg=lambda e: f"{name}: {e}")
 
 
+def test_route_together_matches_routing_one_by_one():
+    # DyDiLA computes its four routers' logits in one product; each must equal its own router:
+    # the same choice, and a gate whose gradient is that of the softmax probability of the choice
+    torch.manual_seed(0)
+    routers = [D.Router(32, n).double() for n in (3, 4, 1)]
+    x = tokens(seed=7)
+    together = D.route_together(routers, x)
+    for r, (idx, gate) in zip(routers, together):
+        logits = x @ r.weight.T
+        assert torch.equal(idx, logits.argmax(-1))
+        p = logits.softmax(-1).gather(-1, idx[..., None])[..., 0]
+        torch.testing.assert_close(gate, torch.ones_like(gate), rtol=0, atol=1e-12)   # 1 in value
+        G = torch.randn_like(p)
+        want = torch.autograd.grad((p * G).sum(), r.weight)[0]
+        got = torch.autograd.grad((gate * G).sum(), r.weight, retain_graph=True)[0]
+        torch.testing.assert_close(got, want)
+
+
+def test_grouped_projection_with_an_unchosen_projector_matches_dense():
+    # the CPU dispatch sorts tokens into one block per projector; a projector no token chose
+    # has an empty block and must still get a (zero) gradient
+    torch.manual_seed(0)
+    proj = D.DynamicProjection(32, 3).double()
+    x = tokens(seed=8).requires_grad_()
+    idx = torch.randint(0, 2, (2, N)) * 2                       # projectors 0 and 2 only
+    G = torch.randn(2, N, 32, dtype=torch.float64)
+    params = [x, *proj.parameters()]
+    want = torch.autograd.grad((proj.dense(x, idx) * G).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((proj.grouped(x, idx) * G).sum(), params, allow_unused=True)
+    torch.testing.assert_close(proj.grouped(x, idx), proj.dense(x, idx))
+    for a, b in zip(got[:4], want[:4]):                         # x and the three projectors
+        torch.testing.assert_close(a, b)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))        # projector 1: chosen by no token
+
+
 def test_routers_and_lambda_receive_gradients():
     m, x = make_attention("dydila"), tokens()
     target = torch.randn_like(x)
@@ -852,5 +887,7 @@ def test_visualize_scaling_writes_csv_and_plot(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
     assert [int(r["tokens"]) for r in rows] == [256, 1024]
     assert all(float(r[f"{k}_ms"]) > 0 and float(r[f"{k}_mem_mib"]) > 0 for r in rows for k in V.MECHANISMS)
-    assert float(rows[0]["dydila_over_linear"]) == pytest.approx(float(rows[0]["dydila_ms"]) / float(rows[0]["linear_ms"]))
+    assert all(0 < float(r["dydila_over_linear"]) < math.inf for r in rows)
+    # the ratio is the median of per-round ratios, not the ratio of medians
+    assert V.paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0]) == 2.0   # ratios 2, 3, 1; the medians' ratio is 4 / 3
     assert (tmp_path / "scaling.png").stat().st_size > 10_000

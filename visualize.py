@@ -435,8 +435,9 @@ def ablation(args, out):
 
 
 def measure(modules, x, hw, repeats, device):
-    """Forward+backward seconds (median) and peak memory in MiB (CUDA: allocator peak over the
-    call; CPU: bytes autograd saves for backward, the activation memory) of each module on x.
+    """Forward+backward seconds (median), peak memory in MiB (CUDA: allocator peak over the
+    call; CPU: bytes autograd saves for backward, the activation memory) and the per-round
+    seconds of each module on x.
     The modules take turns, one call each per round, so that a shared machine's slow spells
     fall on all of them alike."""
     saved = [0]
@@ -467,11 +468,18 @@ def measure(modules, x, hw, repeats, device):
         except (torch.cuda.OutOfMemoryError, MemoryError):     # this mechanism stops here
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    for r in range(repeats):
+    rounds, start = 0, time.perf_counter()
+    while rounds < repeats or (time.perf_counter() - start < 3 and rounds < 100):  # fast points: ~3 s of rounds
         for kind in times:
-            if r == 0 or times[kind][0] < 5:                    # a slow point: one timed run is enough
+            if rounds == 0 or times[kind][0] < 5:               # a slow point: one timed run is enough
                 times[kind].append(once(modules[kind])[0])
-    return {kind: (statistics.median(times[kind]), memory[kind]) for kind in times}
+        rounds += 1
+    return {kind: (statistics.median(times[kind]), memory[kind], times[kind]) for kind in times}
+
+
+def paired_ratio(a, b):
+    """Median over rounds of a_r / b_r: a slow spell of a shared machine hits both runs of a round."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def scaling(args, out):
@@ -480,7 +488,7 @@ def scaling(args, out):
     sides = [s for s in (16, 32, 64, 128, 256, 512) if s * s <= args.max_tokens]
     rows, alive = [], set(MECHANISMS)
     print(f"forward+backward, batch 1, width {args.width}, {args.heads} heads, on {device}"
-          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}; median of {args.repeats} interleaved rounds after a warm-up")
+          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}; median of >= {args.repeats} interleaved rounds (more, up to ~3 s, where they are fast) after a warm-up")
     for side in sides:
         N, row = side * side, {"tokens": side * side}
         x = torch.randn(1, N, args.width, device=device, requires_grad=True)
@@ -494,11 +502,11 @@ def scaling(args, out):
         for kind in set(modules) - set(results):
             alive.discard(kind)
             print(f"{kind}: out of memory at {N} tokens; stopping it there")
-        for kind, (sec, mem) in results.items():
+        for kind, (sec, mem, _) in results.items():
             row[f"{kind}_ms"], row[f"{kind}_mem_mib"] = 1000 * sec, mem
         del modules, x
-        if "dydila_ms" in row and "linear_ms" in row:
-            row["dydila_over_linear"] = row["dydila_ms"] / row["linear_ms"]
+        if "dydila" in results and "linear" in results:
+            row["dydila_over_linear"] = paired_ratio(results["dydila"][2], results["linear"][2])
         rows.append(row)
         print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     fields = ["tokens"] + [f"{k}_{u}" for k in MECHANISMS for u in ("ms", "mem_mib")] + ["dydila_over_linear"]
@@ -560,7 +568,7 @@ def get_parser():
                    "draw loss curves and attention entropy side by side (ablation.png), and print the table")
     p.add_argument("--scaling", action="store_true", help="time and memory against the number of tokens instead")
     p.add_argument("--max-tokens", type=int, default=None, help="--scaling: largest N (default 16384 on CPU, 262144 on CUDA)")
-    p.add_argument("--repeats", type=int, default=5, help="--scaling: timed runs per point (median)")
+    p.add_argument("--repeats", type=int, default=5, help="--scaling: at least this many timed rounds per point (median; fast points run more rounds, ~3 s)")
     return p
 
 
