@@ -315,7 +315,7 @@ class _GroupedMatmul(torch.autograd.Function):
     Written out (not autograd over index_select / split / cat) so that the sort and the unsort
     are one gather each way and the blocks are written in place: autograd's version also
     concatenates the blocks both ways and zero-fills and scatters for each gather's backward,
-    twice the passes over the (M, C) rows (DyDiLA ~4% faster on a CPU)."""
+    twice the passes over the (M, C) rows (DyDiLA 1-4% faster on a CPU)."""
 
     @staticmethod
     def forward(ctx, x, order, inverse, counts, *Ws):
