@@ -536,12 +536,12 @@ class DyDiLA(LinearAttention):
         phi(q').phi(k') normalised; "differential": the weights forward applies (attention_matrix)."""
         _check_tokens(x, hw, self.dim)
         q, k, _ = _qkv_heads(self.qkv, x, self.num_heads)      # 3 x (B, h, N, d)
-        r = self.routing(x)
-        c_q, c_k = r["kernel_q"], r["kernel_k"]                # (B, N) kernel choices
+        r = self._routes(x)                                     # every router once, as in forward
+        c_q, c_k = r["kernel_q"][0], r["kernel_k"][0]          # (B, N) kernel choices
         parts = {"base": normalised_scores(self.kernel_q(_fp32(q), c_q), self.kernel_k(_fp32(k), c_k), self.eps)}
         if self.differential is not None:
-            q_r = _split_heads(self.redundancy_q(x)[0], self.num_heads)  # (B, h, N, d)
-            k_r = _split_heads(self.redundancy_k(x)[0], self.num_heads)
+            q_r = _split_heads(self.redundancy_q(x, r["proj_q"])[0], self.num_heads)  # (B, h, N, d)
+            k_r = _split_heads(self.redundancy_k(x, r["proj_k"])[0], self.num_heads)
             parts["redundancy"] = normalised_scores(self.kernel_q(_fp32(q_r), c_q), self.kernel_k(_fp32(k_r), c_k), self.eps)
         parts["differential"] = self.attention_matrix(x, hw)
         return parts
