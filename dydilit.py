@@ -130,14 +130,15 @@ class _FocusedKernel(torch.autograd.Function):
         ctx.save_for_backward(s, w, n, P, k, *[t for t in (g, scale) if torch.is_tensor(t)])
         ctx.g = None if torch.is_tensor(g) else g
         ctx.scale = None if torch.is_tensor(scale) else scale
-        return u.mul_(k * scale)                                # scale relu(x)^g ||relu(x)|| / ||relu(x)^g||
+        # out of place: under torch.compile, torch 2.11 gives no gradient to a Function whose output was written in place
+        return u * (k * scale)                                  # scale relu(x)^g ||relu(x)|| / ||relu(x)^g||
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G):
         s, w, n, P, k, *rest = ctx.saved_tensors
-        g = rest.pop(0) if ctx.g is None else ctx.g
-        c = rest.pop(0) if ctx.scale is None else ctx.scale     # the scale
+        g = rest[0] if ctx.g is None else ctx.g                 # saved as (..., g, scale) where tensors
+        c = rest[-1] if ctx.scale is None else ctx.scale        # the scale
         e = _exponent(g)                                        # a number or (..., 1), like P
         # The Jacobian of a 1-homogeneous map is the same at relu(x) and at s = relu(x) / m:
         #   dL/dr = c (n e/P) w (G - (G.u) u / P^2) + c (G.u) s / (n P),   dL/dx = dL/dr where x > 0,

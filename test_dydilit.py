@@ -265,6 +265,22 @@ def test_grouped_projection_with_an_unchosen_projector_matches_dense():
     assert torch.equal(got[2], torch.zeros_like(got[2]))        # projector 1: chosen by no token
 
 
+def test_dydila_gpu_path_compiles_whole_with_the_same_values_and_gradients(monkeypatch):
+    # torch.compile must see DyDiLA's GPU path as one graph (fullgraph=True raises on a graph break:
+    # a break keeps the focused kernels out of the fusion; torch 2.11 broke at each of their
+    # backwards), and the traced forward and backward (aot_eager: no code generation) must agree
+    monkeypatch.setattr(D.DynamicProjection, "grouped", D.DynamicProjection.dense)
+    m, x = make_attention("dydila", C=32, heads=4, seed=5), tokens(seed=6).requires_grad_()
+    G = torch.randn(2, N, 32, dtype=torch.float64)
+    params = [x, *m.parameters()]
+    want = torch.autograd.grad((m(x, HW) * G).sum(), params, allow_unused=True)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad((compiled(x, HW) * G).sum(), params, allow_unused=True)
+    torch.testing.assert_close(compiled(x, HW), m(x, HW))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_routers_and_lambda_receive_gradients():
     m, x = make_attention("dydila"), tokens()
     target = torch.randn_like(x)

@@ -15,6 +15,7 @@ Smoothness of one attention row a (a distribution over the N keys):
 
 import argparse
 import csv
+import functools
 import json
 import math
 import statistics
@@ -434,12 +435,13 @@ def ablation(args, out):
     return written
 
 
-def measure(modules, x, hw, repeats, device):
+def measure(modules, x, hw, repeats, device, graphs=False):
     """Forward+backward seconds (median), peak memory in MiB (CUDA: allocator peak over the
     call; CPU: bytes autograd saves for backward, the activation memory) and the per-round
     seconds of each module on x.
     The modules take turns, one call each per round, so that a shared machine's slow spells
-    fall on all of them alike."""
+    fall on all of them alike. graphs (CUDA): time a CUDA-graph replay of the forward+backward
+    instead, the same kernels without Python, dispatcher or launch overhead: the GPU's own time."""
     saved = [0]
 
     def pack(t):
@@ -461,18 +463,41 @@ def measure(modules, x, hw, repeats, device):
         sec = time.perf_counter() - t0
         return sec, ((torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else saved[0]) / 2**20
 
-    memory, times = {}, {}
+    def capture(module):
+        """A function that replays module's forward+backward on x from a CUDA graph."""
+        xg = x.detach().clone().requires_grad_()               # its own input: the graph writes xg.grad in place
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                           # warm-up outside the graph (workspaces, autograd)
+            for _ in range(3):
+                module(xg, hw).float().sum().backward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module(xg, hw).float().sum().backward()
+
+        def replay(_inputs=xg):                                 # keeps xg alive: the graph reads and writes its memory
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0, None
+        return replay
+
+    memory, times, run = {}, {}, {}
     for kind, m in modules.items():                             # warm-up: its memory counts, its time not
         try:
             memory[kind], times[kind] = once(m)[1], []
+            run[kind] = capture(m) if graphs else functools.partial(once, m)
         except (torch.cuda.OutOfMemoryError, MemoryError):     # this mechanism stops here
+            times.pop(kind, None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     rounds, start = 0, time.perf_counter()
     while rounds < repeats or (time.perf_counter() - start < 3 and rounds < 100):  # fast points: ~3 s of rounds
         for kind in times:
             if rounds == 0 or times[kind][0] < 5:               # a slow point: one timed run is enough
-                times[kind].append(once(modules[kind])[0])
+                times[kind].append(run[kind]()[0])
         rounds += 1
     return {kind: (statistics.median(times[kind]), memory[kind], times[kind]) for kind in times}
 
@@ -484,11 +509,17 @@ def paired_ratio(a, b):
 
 def scaling(args, out):
     device = T.pick_device()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else T.nullcontext()
+    if args.cuda_graphs and device.type != "cuda":
+        raise T.UserError("--cuda-graphs needs a CUDA GPU (it times CUDA-graph replays); drop it on this machine")
+    if args.compile:                                            # each size and mechanism compiles its own graph
+        torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
+    mode = ", torch.compile" * args.compile + ", CUDA-graph replays" * args.cuda_graphs
+    # a CUDA graph records autocast's casts, so its cast cache must be off (no difference in eager)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else T.nullcontext()
     sides = [s for s in (16, 32, 64, 128, 256, 512) if s * s <= args.max_tokens]
     rows, alive = [], set(MECHANISMS)
     print(f"forward+backward, batch 1, width {args.width}, {args.heads} heads, on {device}"
-          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}; median of >= {args.repeats} interleaved rounds (more, up to ~3 s, where they are fast) after a warm-up")
+          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}{mode}; median of >= {args.repeats} interleaved rounds (more, up to ~3 s, where they are fast) after a warm-up")
     for side in sides:
         N, row = side * side, {"tokens": side * side}
         x = torch.randn(1, N, args.width, device=device, requires_grad=True)
@@ -497,8 +528,10 @@ def scaling(args, out):
             if kind in alive:
                 torch.manual_seed(0)
                 modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).to(device)
+                if args.compile:
+                    modules[kind] = torch.compile(modules[kind])
         with amp:
-            results = measure(modules, x, (side, side), args.repeats, device)
+            results = measure(modules, x, (side, side), args.repeats, device, args.cuda_graphs)
         for kind in set(modules) - set(results):
             alive.discard(kind)
             print(f"{kind}: out of memory at {N} tokens; stopping it there")
@@ -531,7 +564,8 @@ def scaling(args, out):
             ax.axvline(cross, color="gray", ls="--", lw=1)
             ax.text(cross, ax.get_ylim()[1], f" linear < softmax from N={cross}", fontsize=8, va="top")
         ax.legend(fontsize=8)
-    fig.suptitle(f"width {args.width}, {args.heads} heads, batch 1, {device.type}", fontsize=10)
+    fig.suptitle(f"width {args.width}, {args.heads} heads, batch 1, {device.type}"
+                 f"{mode}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=110)
     plt.close(fig)
@@ -568,6 +602,10 @@ def get_parser():
                    "draw loss curves and attention entropy side by side (ablation.png), and print the table")
     p.add_argument("--scaling", action="store_true", help="time and memory against the number of tokens instead")
     p.add_argument("--max-tokens", type=int, default=None, help="--scaling: largest N (default 16384 on CPU, 262144 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="--scaling: torch.compile each attention first (fuses DyDiLA's "
+                   "elementwise passes; compiles once per size, seconds to a minute each)")
+    p.add_argument("--cuda-graphs", action="store_true", help="--scaling on CUDA: time CUDA-graph replays of each forward+backward, "
+                   "the GPU's own time without Python, dispatcher and launch overhead (which bounds small N on a GPU)")
     p.add_argument("--repeats", type=int, default=5, help="--scaling: at least this many timed rounds per point (median; fast points run more rounds, ~3 s)")
     return p
 
