@@ -907,3 +907,11 @@ def test_visualize_scaling_writes_csv_and_plot(tmp_path):
     # the ratio is the median of per-round ratios, not the ratio of medians
     assert V.paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0]) == 2.0   # ratios 2, 3, 1; the medians' ratio is 4 / 3
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_visualize_scaling_options_fail_clearly(tmp_path, capsys):
+    assert V.main(["--out", str(tmp_path), "--compile"]) == 2
+    assert "options of --scaling: add --scaling" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert V.main(["--out", str(tmp_path), "--scaling", "--cuda-graphs"]) == 2
+        assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err

@@ -564,8 +564,7 @@ def scaling(args, out):
             ax.axvline(cross, color="gray", ls="--", lw=1)
             ax.text(cross, ax.get_ylim()[1], f" linear < softmax from N={cross}", fontsize=8, va="top")
         ax.legend(fontsize=8)
-    fig.suptitle(f"width {args.width}, {args.heads} heads, batch 1, {device.type}"
-                 f"{mode}", fontsize=10)
+    fig.suptitle(f"width {args.width}, {args.heads} heads, batch 1, {device.type}{mode}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=110)
     plt.close(fig)
@@ -621,6 +620,8 @@ def main(argv=None):
         if any(not 0 <= t <= 1 for t in args.t):
             raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
         out.mkdir(parents=True, exist_ok=True)
+        if (args.compile or args.cuda_graphs) and not args.scaling:
+            raise T.UserError("--compile and --cuda-graphs are options of --scaling: add --scaling")
         if args.ablation and not args.ckpt:
             raise T.UserError("--ablation draws train_tiny.py runs: give their checkpoints with --ckpt runs/*/ckpt.pt")
         if args.scaling:
