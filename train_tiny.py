@@ -646,7 +646,7 @@ def get_parser():
     g.add_argument("--objective", default="flow", choices=["flow", "ddpm"], help="rectified flow or DDPM (epsilon)")
     g.add_argument("--ddpm-schedule", default="linear", choices=["linear", "cosine"], help="DDPM noise schedule")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=10000, help="total optimiser steps (10k: about 30 min for DyDi-LiT-S/2 on one H100)")
+    g.add_argument("--steps", type=int, default=10000, help="total optimiser steps (10k: about 28 min for DyDi-LiT-S/2 on one H100, eager)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate after warmup (constant)")
     g.add_argument("--warmup", type=int, default=500, help="linear warmup steps")
