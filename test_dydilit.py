@@ -69,6 +69,27 @@ def test_linear_attention_without_dwc_matches_explicit():
     torch.testing.assert_close(m(x, HW), explicit_forward(m, x, HW), rtol=1e-6, atol=1e-6)
 
 
+def test_dwc_on_the_channels_last_layout_matches_the_nchw_conv_with_gradients():
+    """LinearAttention.local runs the conv on a channels-last copy of V (oneDNN's depthwise conv
+    is ~2.5x faster that way on a CPU): the same values and gradients as the plain NCHW conv."""
+    m, x = make_attention("linear"), tokens()
+    B, N_, C = x.shape
+    h, d = m.num_heads, C // m.num_heads
+    v = m.qkv(x).view(B, N_, 3, h, d)[:, :, 2].transpose(1, 2).detach()  # (B, h, N, d), a strided view like forward's
+    outs = []
+    for path in ("channels_last", "nchw"):
+        m.zero_grad()
+        v_ = v.clone().requires_grad_()
+        if path == "channels_last":
+            o = m.local(v_, HW)
+        else:
+            o = m.dwc(v_.transpose(2, 3).reshape(B * h, d, *HW)).reshape(B, h, d, N_).transpose(2, 3)
+        o.backward(torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view(o.shape))
+        outs.append((o.detach(), v_.grad, m.dwc.weight.grad.clone(), m.dwc.bias.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_all_switches_off_is_linear_attention():
     lin = make_attention("linear")
     dy = make_attention("dydila", dynamic_projection=False, dynamic_kernel=False, token_differential=False)
