@@ -458,7 +458,7 @@ def train(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     ema = build_model(args, channels, num_classes).to(device).eval().requires_grad_(False)
-    # fused: one multi-tensor kernel per update (a DyDiLiT-T/4 AdamW step on this 2-core CPU: 3.7 ms, 8.8 with foreach)
+    # fused: one multi-tensor kernel per update (a LiT-T/4 AdamW update on a 2-core CPU: 3.7 ms, 8.8 with foreach)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
     step = 0
     if args.resume:
