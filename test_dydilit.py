@@ -946,6 +946,18 @@ def test_visualize_scaling_writes_csv_and_plot(tmp_path):
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
 
 
+def test_visualize_scaling_compiles_each_size_with_static_shapes(tmp_path, monkeypatch):
+    # Inductor (CPU, torch 2.13) crashed recompiling DyDiLA for the second size with dynamic shapes
+    # ("cannot determine truth value of Relational"); each size gets its own static graph instead.
+    # The real compile takes minutes on 2 cores, so the test records the calls and runs eager.
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
+    argv = ["--out", str(tmp_path), "--scaling", "--compile", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]
+    assert V.main(argv) == 0
+    assert [int(r["tokens"]) for r in csv.DictReader(open(tmp_path / "scaling.csv"))] == [256, 1024]
+    assert calls == [{"dynamic": False}] * 2 * len(V.MECHANISMS)
+
+
 def test_visualize_scaling_options_fail_clearly(tmp_path, capsys):
     assert V.main(["--out", str(tmp_path), "--compile"]) == 2
     assert "options of --scaling: add --scaling" in capsys.readouterr().err
