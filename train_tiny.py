@@ -657,7 +657,7 @@ def get_parser():
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast + TF32 on CUDA, fp32 elsewhere")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints keep the raw module); "
                    "on a GPU it fuses DyDiLA's many small passes (DyDi-LiT-T/4 2.4x faster per step on an H100) "
-                   "at the price of a first step that compiles for one to a few minutes")
+                   "at the price of a first step that compiles for one to a few minutes; on a CPU it measured no faster than eager")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/tiny", help="checkpoint ckpt.pt, log.jsonl, sample grids, loss.png")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir (same flags)")
