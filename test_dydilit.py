@@ -952,6 +952,8 @@ def test_visualize_scaling_compiles_each_size_with_static_shapes(tmp_path, monke
     # The real compile takes minutes on 2 cores, so the test records the calls and runs eager.
     calls = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
+    for name in ("cache_size_limit", "accumulated_cache_size_limit"):    # --compile raises them: restore after
+        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
     argv = ["--out", str(tmp_path), "--scaling", "--compile", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]
     assert V.main(argv) == 0
     assert [int(r["tokens"]) for r in csv.DictReader(open(tmp_path / "scaling.csv"))] == [256, 1024]
