@@ -5,9 +5,9 @@ Paper: "Dynamic Differential Linear Attention: Enhancing Linear Diffusion Transf
 High-Quality Image Generation", Cao, Wang, Shan, Ye, Yao, Wei, arXiv 2601.13683 (2026).
 
 DyDiLA fixes the over-smoothed attention of linear attention with three designs:
-  (i)   dynamic projection     Q'_i = X_i W_Q^{u_i},  u_i = argmax_u (X_i R_Q^P)_u      -> DynamicProjection
-  (ii)  dynamic measure kernel phi_{g_i} with g_i = argmax over a kernel bank          -> DynamicMeasureKernel
-  (iii) token differential     q~_i = relu(phi(q_i) - lambda_h phi(q'_i))               -> TokenDifferential
+  (i)   dynamic projection     Q'_i = X_i W_Q^{u_i},  u_i = argmax_u (X_i R_Q^P)_u           -> DynamicProjection
+  (ii)  dynamic measure kernel phi_{g_i}, g_i one of n_K learnable exponents, routed per token -> DynamicMeasureKernel
+  (iii) token differential     q~_i = relu(phi(q_i) - lambda_i phi(q'_i)), lambda_i routed    -> TokenDifferential
 and DyDi-LiT is DiT with DyDiLA as its attention (DyDiLiT below).
 
 The method section is not public: every place where this file fills a gap is marked
@@ -19,7 +19,8 @@ depthwise conv, FLatten (Han et al. 2023) for the focused kernel, DDPM (Ho et al
 DDIM (Song et al. 2021) and rectified flow (Liu et al. 2022; minRF) for the objectives.
 
 Shapes: B batch, N tokens, C channels, h heads, d head dim, H x W token grid, N = H * W
-(row-major). Needs torch and nothing else.
+(row-major). Needs torch and nothing else. On a GPU, wrap the model in torch.compile: it
+compiles as one graph (no host synchronisation anywhere in the forward).
 """
 
 import functools
@@ -53,6 +54,11 @@ def _check_heads(dim, num_heads):
         raise ValueError(f"dim = {dim} is not divisible by num_heads = {num_heads}: pick heads that divide dim")
 
 
+def _check_count(name, n):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} = {n!r} must be a whole number >= 1")
+
+
 def _split_heads(t, h):
     B, N, C = t.shape
     return t.view(B, N, h, C // h).transpose(1, 2)              # (B, N, C) -> (B, h, N, d)
@@ -73,100 +79,29 @@ def _fp32(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _fp32_contiguous(t):
-    """_fp32(t) in the contiguous layout, in one copy: the cast and the relayout share a pass."""
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return t.to(torch.float32, memory_format=torch.contiguous_format)
-    return t.contiguous()
-
-
 def _no_autocast(t):
     return torch.autocast(t.device.type, enabled=False)
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Kernels
+# 1. Kernels and linear attention
 # ----------------------------------------------------------------------------------------
 
-def _power(s, g):
-    """s^(g-1) for s >= 0; g is a number, or per token a one-hot row over the exponents 1..K,
-    shape (..., K). Then s^(g-1) is a polynomial in s with one-hot coefficients: Horner's rule
-    takes K-1 multiply-adds, where a float-exponent pow costs ~15 multiplies per element (CPU)."""
-    if not torch.is_tensor(g):
-        return s.pow(g - 1)
-    if g.shape[-1] == 1:
-        return torch.ones_like(s)
-    w = torch.addcmul(g[..., -2], s, g[..., -1])
-    for k in range(g.shape[-1] - 3, -1, -1):
-        torch.addcmul(g[..., k], s, w, out=w)                   # w <- a_k + s w, in place
-    return w
-
-
-def _exponent(g):
-    """The exponent: a number, or per token from the one-hot rows: (..., K) -> (..., 1)."""
-    if not torch.is_tensor(g):
-        return g
-    return g @ torch.arange(1.0, g.shape[-1] + 1, dtype=g.dtype, device=g.device)
-
-
-class _FocusedKernel(torch.autograd.Function):
-    """scale * phi_g(x) with a closed-form backward that keeps two tensors of x's size (autograd
-    would keep about ten), written for few passes over memory: that is what it costs on a CPU.
-
-    phi_g is 1-homogeneous, so it is computed at s = relu(x) / m, m = max_j relu(x)_j: s lies in
-    [0, 1] with largest entry exactly 1, so s^g cannot overflow and ||s||, ||s^g|| lie in [1, sqrt(d)].
-    With w = s^(g-1), u = w s = s^g, n = ||s||, P = ||u||:  phi_g(x) = m n u / P."""
-
-    @staticmethod
-    def forward(ctx, x, g, scale):
-        s = F.relu(x)
-        m = s.amax(dim=-1, keepdim=True)
-        s.div_(torch.where(m > 0, m, 1.0))                      # s (a row with x <= 0 everywhere stays 0)
-        w = _power(s, g)                                        # s^(g-1)
-        u = w * s                                               # s^g
-        n = s.norm(dim=-1, keepdim=True).clamp_min(1)           # >= 1, or 0 -> 1 on a zero row (u = 0 = phi)
-        P = u.norm(dim=-1, keepdim=True).clamp_min(1)
-        k = m * n / P
-        ctx.save_for_backward(s, w, n, P, k, *[t for t in (g, scale) if torch.is_tensor(t)])
-        ctx.g = None if torch.is_tensor(g) else g
-        ctx.scale = None if torch.is_tensor(scale) else scale
-        # out of place: under torch.compile, torch 2.11 gives no gradient to a Function whose output was written in place
-        return u * (k * scale)                                  # scale relu(x)^g ||relu(x)|| / ||relu(x)^g||
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, G):
-        s, w, n, P, k, *rest = ctx.saved_tensors
-        g = rest[0] if ctx.g is None else ctx.g                 # saved as (..., g, scale) where tensors
-        c = rest[-1] if ctx.scale is None else ctx.scale        # the scale
-        e = _exponent(g)                                        # a number or (..., 1), like P
-        # The Jacobian of a 1-homogeneous map is the same at relu(x) and at s = relu(x) / m:
-        #   dL/dr = c (n e/P) w (G - (G.u) u / P^2) + c (G.u) s / (n P),   dL/dx = dL/dr where x > 0,
-        #   dL/dscale = (G.u) m n / P.   u, s and the last term vanish where x <= 0: mask G first.
-        G = torch.ops.aten.threshold_backward(G, s, 0)          # relu' (s == 0 exactly where x <= 0)
-        u = w * s
-        Gu = (G * u).sum(-1, keepdim=True)
-        d_scale = (Gu * k).sum_to_size(c.shape) if ctx.needs_input_grad[2] else None
-        A = c * e * n / P
-        d_x = G.mul_(A).addcmul_(u, A * Gu / P**2, value=-1).mul_(w).addcmul_(s, c * Gu / (n * P))
-        return d_x, None, d_scale
-
-
-def focused_kernel(x, g, scale=1.0):
-    """Focused power kernel (FLatten; LiT "focused kernel"), norms over the head dim:
+def focused_kernel(x, g):
+    """Focused power kernel (FLatten; LiT's "focused kernel"), norms over the head dim:
 
         phi_g(x) = relu(x)^g * ||relu(x)|| / ||relu(x)^g||
 
-    g >= 1 is a number, or one exponent per token given as a one-hot row over the exponents
-    1..K: a tensor of shape (..., K) whose leading dims broadcast to x[..., :1].
-    g = 1 is the plain ReLU kernel of LiT / SANA. A larger g keeps the norm of relu(x) but
-    moves its mass onto its largest coordinates: a sharper similarity.
-    Returns scale * phi_g(x); a per-token scale (broadcastable to x[..., :1]) is applied inside
-    the kernel's own output scaling, without a pass of its own (DyDiLA's gates and lambda).
+    g >= 1: a number, or a tensor that broadcasts to x[..., :1] (one exponent per token).
+    g = 1 is the ReLU kernel of LiT / SANA; a larger g keeps the norm of relu(x) and moves its
+    mass onto its largest coordinates: a sharper similarity.
     """
-    if torch.is_tensor(g) or g != 1:
-        return _FocusedKernel.apply(x, g, scale)
-    return F.relu(x) if not torch.is_tensor(scale) and scale == 1 else F.relu(x) * scale  # phi_1 = relu
+    tiny = torch.finfo(x.dtype).tiny
+    r = F.relu(x)
+    m = r.amax(dim=-1, keepdim=True).clamp_min(tiny)            # row maximum (B, h, N, 1)
+    r = r / m                                                   # phi_g is 1-homogeneous: scaled to [0, 1], r^g cannot overflow
+    p = r ** g                                                  # relu(x)^g / m^g
+    return m * p * (r.norm(dim=-1, keepdim=True) / p.norm(dim=-1, keepdim=True).clamp_min(tiny))
 
 
 def linear_attention(q, k, v, eps):
@@ -249,9 +184,9 @@ class LinearAttention(nn.Module):
         if self.dwc is None:
             return 0
         B, h, N, d = v.shape
-        # channels-last (d innermost, as tokens already are): oneDNN's depthwise conv ran its
-        # forward+backward 2.5x faster this way than on NCHW (CPU; LiT 20% faster at 1,024 tokens)
-        v = v.contiguous().view(B * h, *hw, d).permute(0, 3, 1, 2)  # (B*h, d, H, W), channels-last in memory
+        # the grid as a channels-last view of the token layout (d innermost), the layout the
+        # depthwise conv kernels prefer; the same conv as on a (B*h, d, H, W) NCHW tensor
+        v = v.contiguous().view(B * h, *hw, d).permute(0, 3, 1, 2)  # (B*h, d, H, W)
         return self.dwc(v).permute(0, 2, 3, 1).reshape(B, h, N, d)  # (B, h, N, d)
 
     def forward(self, x, hw):
@@ -268,17 +203,18 @@ class LinearAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The three DyDiLA designs (DyDiLA paper, abstract designs (i)-(iii); the method section is not public)
+# 3. The three DyDiLA designs (DyDiLA paper, Sec. 3.1, designs (i)-(iii) of the abstract)
 # ----------------------------------------------------------------------------------------
 
 class Router(nn.Module):
-    """A hard per-token choice among n options: idx_i = argmax_u (X_i R)_u, R in R^{C x n}.
+    """A hard per-token choice among n options: c_i = argmax_c (X_i R)_c, R in R^{C x n}.
 
-    The forward is the hard argmax.
-    # choice: gradient reaches R through a straight-through gate g_i = 1 + p_i - sg(p_i),
-    # p_i the softmax probability of the chosen option; g_i == 1 in the forward, and the
-    # caller multiplies the chosen output by it. Logits are computed in float32 so that
-    # autocast does not flip near-tied choices.
+    Returns the choice (B, N) and a straight-through gate (B, N) that the caller multiplies
+    onto the chosen output: the forward is the hard argmax (gate == 1 in value).
+    # choice: the gate is 1 + p_i - stopgrad(p_i), p_i the softmax probability of the chosen
+    # option, so the router learns whether its choice should weigh more (DyDiLA paper: hard
+    # argmax; how the router is trained is not public; the [C] source uses a straight-through
+    # estimator too). Logits in float32, so that autocast does not flip near-tied choices.
     """
 
     def __init__(self, dim, num_choices):
@@ -287,178 +223,133 @@ class Router(nn.Module):
         nn.init.xavier_uniform_(self.weight)
 
     def forward(self, x):
-        """(B, N) hard choice and straight-through gate for tokens x: (B, N, C)."""
+        """x: (B, N, C) -> choice (B, N) long, gate (B, N)."""
         with _no_autocast(x):
-            return self.choose(F.linear(_fp32(x), _fp32(self.weight)))  # logits (B, N, n)
-
-    @staticmethod
-    def choose(logits):
-        """(B, N) hard choice and straight-through gate from float32 logits (B, N, n)."""
-        top, idx = logits.max(dim=-1, keepdim=True)             # (B, N, 1) hard choice
-        p = 1 / (logits - top).exp().sum(dim=-1)                # its softmax probability (B, N)
-        return idx.squeeze(-1), 1 + p - p.detach()              # gate == 1 in value
-
-
-def route_together(routers, x):
-    """[router(x) for router in routers], from one product: routers that read the same X_i are
-    the columns of one matrix [R_1 ... R_m], so X [R_1 ... R_m] is one matmul, split after.
-    Same values as routing one by one; on a CPU DyDiLA's four routers cost half as much this way."""
-    with _no_autocast(x):
-        W = torch.cat([_fp32(r.weight) for r in routers])      # (sum n, C)
-        logits = F.linear(_fp32(x), W).split([len(r.weight) for r in routers], dim=-1)  # (B, N, n) each
-        return [Router.choose(l) for l in logits]
-
-
-class _GroupedMatmul(torch.autograd.Function):
-    """y_i = x_i W_{u_i}^T for rows x: (M, C) and nn.Linear weights W_j: (C_out, C); the rows
-    are sorted by u (`order`, its `inverse`, `counts` per W) so each W multiplies one block:
-
-        forward   y_i = x_i W_{u_i}^T       backward  dx_i = dy_i W_{u_i},  dW_j = sum_{i: u_i = j} dy_i^T x_i
-
-    Written out (not autograd over index_select / split / cat) so that the sort and the unsort
-    are one gather each way and the blocks are written in place: autograd's version also
-    concatenates the blocks both ways and zero-fills and scatters for each gather's backward,
-    twice the passes over the (M, C) rows (DyDiLA 1-4% faster on a CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse, counts, *Ws):
-        xs = x.index_select(0, order)                           # rows grouped by projector (M, C)
-        ys = torch.empty_like(xs)
-        for W, a, out in zip(Ws, xs.split(counts), ys.split(counts)):
-            torch.mm(a, W.to(a.dtype).t(), out=out)             # one block, one product
-        ctx.save_for_backward(xs, order, inverse, *Ws)
-        ctx.counts = counts
-        return ys.index_select(0, inverse)                      # back to token order (M, C)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        xs, order, inverse, *Ws = ctx.saved_tensors
-        dys = dy.index_select(0, order)                         # (M, C) grouped like xs
-        dxs, dWs = torch.empty_like(dys), []
-        for W, a, g, out in zip(Ws, xs.split(ctx.counts), dys.split(ctx.counts), dxs.split(ctx.counts)):
-            torch.mm(g, W.to(g.dtype), out=out)
-            dWs.append(g.t() @ a)
-        return dxs.index_select(0, inverse), None, None, None, *dWs
+            logits = F.linear(_fp32(x), _fp32(self.weight))    # X_i R              (B, N, n)
+        c = logits.argmax(dim=-1)                               # hard choice        (B, N)
+        p = logits.softmax(dim=-1).gather(-1, c[..., None]).squeeze(-1)  # its probability (B, N)
+        return c, 1 + p - p.detach()
 
 
 class DynamicProjection(nn.Module):
-    """DyDiLA design (i), dynamic projection: each token picks one of n_P projectors,
+    """DyDiLA design (i), dynamic projection: each token picks one of n_P projectors, and its
+    projection is the token's "information redundancy":
 
-        X'_i = X_i W^{u_i},  u_i = argmax_u (X_i R^P)_u,  W^j in R^{C x C} (shared across heads).
+        X'_i = X_i W^{u_i},   u_i = argmax_u (X_i R^P)_u,   W^j in R^{C x C}, shared by the heads.
 
-    On a CPU only the chosen projector runs for each token (`grouped`: one C x C matmul per
-    token whatever n_P is); on a GPU all of them do and each token keeps its own (`dense`).
-    n_P = 1 is a static projector.
+    n_P = 1 is a static projector (no router).
     """
 
     def __init__(self, dim, num_projectors):
         super().__init__()
-        if num_projectors < 1:
-            raise ValueError(f"num_projectors = {num_projectors} must be >= 1")
+        _check_count("num_projectors", num_projectors)
         self.projectors = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(num_projectors))  # W^1..W^{n_P}
         self.router = Router(dim, num_projectors) if num_projectors > 1 else None                        # R^P
 
-    def forward(self, x, route=None):
-        """X'_i = X_i W^{u_i}: (B, N, C) -> (B, N, C), and the router's straight-through gate
-        (B, N) (None when static). The caller scales by the gate (see TokenDifferential).
-        route: this projection's (u, gate) if already computed (see route_together)."""
+    def forward(self, x):
+        """X'_i = X_i W^{u_i}: (B, N, C) -> (B, N, C)."""
         if self.router is None:
-            return self.projectors[0](x), None                  # (B, N, C)
-        idx, gate = self.router(x) if route is None else route  # (B, N) hard choice u_i, straight-through gate
-        # Same values either way: on a CPU each token runs only its projector (FLOPs cost there);
-        # on a GPU every projector runs on every token and each keeps its own: n_P x the matmul
-        # work, but no host synchronisation and a few large kernels instead of many small ones.
-        return (self.grouped(x, idx) if x.device.type == "cpu" else self.dense(x, idx)), gate
-
-    def grouped(self, x, idx):
-        """X_i W^{u_i} with tokens grouped by projector: one C x C product per token. (B, N, C)."""
+            return self.projectors[0](x)
         B, N, C = x.shape
-        idx = idx.reshape(B * N)
-        order = idx.argsort()                                   # tokens grouped by their projector
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)  # the inverse permutation
-        counts = torch.bincount(idx, minlength=len(self.projectors)).tolist()  # (host sync)
-        y = _GroupedMatmul.apply(x.reshape(B * N, C), order, inverse, counts, *[W.weight for W in self.projectors])
-        return y.view(B, N, C)
-
-    def dense(self, x, idx):
-        """X_i W^{u_i} from every projector on every token: one (C, n_P C) product. (B, N, C)."""
-        W = torch.cat([p.weight for p in self.projectors])     # (n_P C, C)
-        y = F.linear(x, W).unflatten(-1, (len(self.projectors), -1))  # X_i W^u for all u  (B, N, n_P, C)
-        return y.gather(2, idx[:, :, None, None].expand(-1, -1, 1, y.shape[-1])).squeeze(2)  # (B, N, C)
+        u, gate = self.router(x)                                # (B, N) projector per token, straight-through gate
+        # every projector on every token, then a gather: n_P x the FLOPs of running only the
+        # chosen one, but static shapes and no host sync, so torch.compile sees one graph
+        # (grouping tokens by projector has data-dependent sizes and breaks it)
+        every = F.linear(x, torch.cat([W.weight for W in self.projectors]))  # X_i W^j for every j  (B, N, n_P*C)
+        every = every.view(B, N, -1, C)                         # (B, N, n_P, C)
+        chosen = every.gather(2, u.view(B, N, 1, 1).expand(B, N, 1, C)).squeeze(2)  # X_i W^{u_i}  (B, N, C)
+        return chosen * gate[..., None]
 
 
 class DynamicMeasureKernel(nn.Module):
-    """DyDiLA design (ii), dynamic measure kernel: each token picks its kernel function,
+    """DyDiLA design (ii), dynamic measure kernel: each token is assigned its kernel function,
+    the focused kernel with one of n_K learnable exponents ([C] source):
 
-        phi(x_i) = phi_{g_{c_i}}(x_i),  c_i = argmax_c (X_i R^K)_c,
+        phi(t_i) = phi_{g_{c_i}}(t_i),   c_i = argmax_c (X_i R^K)_c,   g_c = 1 + softplus(theta_c) >= 1.
 
-    # choice: the bank is the focused power kernel with fixed whole exponents g in (1, 2, 3, 4);
-    # g = 1 is plain ReLU. The paper's bank is not public.
-    # choice: one choice per token, shared by all heads (the router reads X_i, like the
-    # dynamic projection's router), and one router per side (queries, keys).
-    A single exponent is a static kernel (no router).
+    The exponent chosen for token i applies to t_i and to its redundancy t'_i (the abstract: the
+    redundancy is "produced by the dynamic measure kernel").
+    # choice: one choice per token, shared by the heads; the router reads X_i (as in design (i)).
+    # choice: initial exponents spread evenly over [1.5, 4.5] (mean 3.0, the [C] source's value and
+    # FLatten's focusing factor) rather than all 3.0: with identical exponents every choice computes
+    # the same kernel, so the router's first gradients cannot tell the options apart (and under the
+    # softmax-weighted straight-through estimator they are exactly zero). n_K = 1: one exponent, 3.0.
+    dynamic=False is the static ReLU kernel of LiT (exponents == [1], no router).
     """
 
-    def __init__(self, dim, exponents):
+    def __init__(self, dim, num_kernels, dynamic=True):
         super().__init__()
-        for g in exponents:
-            if isinstance(g, bool) or not isinstance(g, (int, float)):
-                raise ValueError(f"unknown kernel {g!r}: the bank holds focused-kernel exponents, whole numbers >= 1 (1 is ReLU)")
-        exponents = tuple(float(g) for g in exponents)
-        if len(exponents) == 0:
-            raise ValueError("kernel_exponents is empty: give at least one exponent, e.g. (1, 2, 3, 4)")
-        if min(exponents) < 1 or any(g != int(g) for g in exponents):
-            raise ValueError(f"kernel_exponents = {exponents}: every exponent must be a whole number >= 1 (1 is ReLU)")
-        self.register_buffer("exponents", torch.tensor(exponents), persistent=False)  # (n_K,)
-        # row c: one-hot of exponent g_c over 1..max g, the form focused_kernel takes per token
-        self.register_buffer("one_hot", F.one_hot(self.exponents.long() - 1).float(), persistent=False)  # (n_K, max g)
-        self.static_exponent = exponents[0] if len(exponents) == 1 else None          # a plain number: no device sync
-        self.router = Router(dim, len(exponents)) if len(exponents) > 1 else None     # R^K
+        _check_count("num_kernels", num_kernels)
+        self.theta = self.router = None
+        if not dynamic:
+            self.register_buffer("relu_exponent", torch.ones(1), persistent=False)  # (1,): phi_1 = relu
+            return
+        g = torch.linspace(1.5, 4.5, num_kernels) if num_kernels > 1 else torch.tensor([3.0])
+        self.theta = nn.Parameter(torch.log(torch.expm1(g - 1)))  # softplus^-1(g - 1)   (n_K,)
+        self.router = Router(dim, num_kernels) if num_kernels > 1 else None  # R^K
 
-    def forward(self, t, idx, scale=1.0):
-        """scale * phi_{g_i}(t_i) for head features t: (B, h, N, d), idx: (B, N) -> (B, h, N, d).
-        scale: per token, broadcastable to (B, h, N, 1) (see focused_kernel)."""
-        if self.static_exponent is not None:                    # one kernel for every token
-            return focused_kernel(t, self.static_exponent, scale)
-        g = self.one_hot.to(t.dtype)[idx]                       # (B, N, K) one exponent per token, one-hot
-        return focused_kernel(t, g[:, None, :, None], scale)    # (B, 1, N, 1, K): broadcast over heads and d
+    @property
+    def exponents(self):
+        """The current exponents g_1..g_{n_K}, each >= 1: (n_K,)."""
+        return self.relu_exponent if self.theta is None else 1 + F.softplus(self.theta)
+
+    def forward(self, x, t, t_r=None):
+        """phi_{g_i}(t_i) times the router's gate, and phi_{g_i}(t'_i) (None without t_r), for
+        tokens x: (B, N, C) and head features t, t_r: (B, h, N, d) -> (B, h, N, d) each, float32."""
+        t, t_r = _fp32(t), None if t_r is None else _fp32(t_r)
+        if self.theta is None:                                  # static ReLU kernel
+            return F.relu(t), None if t_r is None else F.relu(t_r)
+        if self.router is None:                                 # one learnable exponent for every token
+            g, gate = self.exponents, 1.0
+        else:
+            c, gate = self.router(x)                            # (B, N) kernel per token, straight-through gate
+            g = self.exponents[c][:, None, :, None]             # g_{c_i}, shared by the heads  (B, 1, N, 1)
+            gate = gate[:, None, :, None]                       # (B, 1, N, 1)
+        # choice: the gate multiplies phi(t_i) only. A scale on a whole query's features cancels in
+        # the normaliser, so on phi(t_i) and phi(t'_i) alike the query side's router would get no
+        # gradient; on phi(t_i) alone it learns through the difference (iii).
+        return focused_kernel(t, g) * gate, None if t_r is None else focused_kernel(t_r, g)
 
 
 class TokenDifferential(nn.Module):
-    """DyDiLA design (iii), token differential operator: subtract from each token's features
-    the features of its redundancy (from design (i), through the same kernel of design (ii)):
+    """DyDiLA design (iii), token differential operator: each token minus its redundancy (from
+    design (i), through the kernel of design (ii)), weighed by a lambda routed per token ([C] source):
 
-        q~_i = relu( phi(q_i) - lambda_h * phi(q'_i) )
+        q~_i = relu( phi(q_i) - lambda^Q_i phi(q'_i) ),   lambda^Q_i = Lambda^Q_{c_i},  c_i = argmax_c (X_i R^D_Q)_c
+        k~_j = relu( phi(k_j) - lambda^K_j phi(k'_j) ),   likewise with its own bank Lambda^K and router R^D_K
 
-    # choice: lambda_h = sigmoid(theta_h), one learnable scalar per head (initial 0.5), and
-    # the outer relu keeps features non-negative so attention rows stay distributions.
-    # (Differential Transformer subtracts two attention maps, A1 - lambda A2; here the
-    # difference is taken on tokens, before the product, so the cost stays O(N).)
+    Lambda^Q, Lambda^K: banks of n_D learnable values (n_D = 1: one value, no router).
+    # choice: the routers read X_i (as in designs (i) and (ii)); the values are unconstrained
+    # (as in the [C] source); initial values spread evenly over [0.1, 0.9] (0.5 for n_D = 1), so
+    # that every choice subtracts a different share of the redundancy from the start.
+    # choice: the outer relu keeps q~, k~ non-negative, so (with the normaliser) every attention
+    # row stays a probability distribution: the attention maps and entropies need that. (The [C]
+    # source has neither: its keys are a handful of text tokens. Differential Transformer
+    # subtracts attention maps, A1 - lambda A2; here tokens, before the product: O(N) stays.)
     """
 
-    def __init__(self, num_heads, lambda_init=0.5):
+    def __init__(self, dim, num_lambdas):
         super().__init__()
-        if not 0 < lambda_init < 1:
-            raise ValueError(f"lambda_init = {lambda_init} must lie in (0, 1) (lambda = sigmoid(theta))")
-        self.theta = nn.Parameter(torch.full((num_heads,), math.log(lambda_init / (1 - lambda_init))))
+        _check_count("num_lambdas", num_lambdas)
+        init = torch.linspace(0.1, 0.9, num_lambdas) if num_lambdas > 1 else torch.tensor([0.5])
+        self.lambda_q = nn.Parameter(init.clone())              # Lambda^Q  (n_D,)
+        self.lambda_k = nn.Parameter(init.clone())              # Lambda^K  (n_D,)
+        self.router_q = Router(dim, num_lambdas) if num_lambdas > 1 else None  # R^D_Q
+        self.router_k = Router(dim, num_lambdas) if num_lambdas > 1 else None  # R^D_K
 
-    @property
-    def lam(self):
-        return torch.sigmoid(self.theta)                        # (h,)
+    @staticmethod
+    def choose(bank, router, x):
+        """lambda_i per token, times the router's gate: (B, 1, N, 1), or the single value."""
+        if router is None:
+            return bank
+        c, gate = router(x)                                     # (B, N)
+        return (bank[c] * gate)[:, None, :, None]               # (B, 1, N, 1), shared by the heads
 
-    def weight(self, gate=None):
-        """lambda_h as a per-token scale for phi(t'): (h, 1, 1), or (B, h, N, 1) times the
-        projection router's straight-through gate (B, N) (== 1 in value). The kernel applies it
-        in its own output scaling: phi is 1-homogeneous, so lambda phi(gate t') = (lambda gate) phi(t'),
-        the same values and gradients as scaling the tensors, without a pass over them."""
-        lam = self.lam[:, None, None]                           # (h, 1, 1)
-        return lam if gate is None else lam * gate[:, None, :, None]
-
-    def forward(self, phi_x, lam_phi_r):
-        """relu(phi(t) - lambda_h phi(t')), given phi(t) and lambda_h phi(t'): (B, h, N, d) each."""
-        return (phi_x - lam_phi_r).relu_()
+    def forward(self, x, phi_q, phi_q_r, phi_k, phi_k_r):
+        """q~, k~ from phi(Q), phi(Q'), phi(K), phi(K'): (B, h, N, d) each; x: (B, N, C) tokens."""
+        lam_q = self.choose(self.lambda_q, self.router_q, x)    # lambda^Q_i
+        lam_k = self.choose(self.lambda_k, self.router_k, x)    # lambda^K_j
+        return F.relu(phi_q - lam_q * phi_q_r), F.relu(phi_k - lam_k * phi_k_r)
 
 
 # ----------------------------------------------------------------------------------------
@@ -466,93 +357,77 @@ class TokenDifferential(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 class DyDiLA(LinearAttention):
-    """Dynamic Differential Linear Attention: LiT's linear attention with features
+    """Dynamic Differential Linear Attention: LiT's linear attention with the features
 
-        q~_i = relu( phi_{g_i}(q_i) - lambda_h phi_{g_i}(q'_i) ),   q_i = X_i W_Q^0,  q'_i = X_i W_Q^{u_i}
-        k~_j = relu( phi_{g_j}(k_j) - lambda_h phi_{g_j}(k'_j) ),   k_j = X_j W_K^0,  k'_j = X_j W_K^{v_j}
+        q_i = X_i W_Q^0,  q'_i = X_i W_Q^{u_i}                               (i)   dynamic projection
+        phi(q_i) = phi_{g_i}(q_i),  phi(q'_i) = phi_{g_i}(q'_i)               (ii)  dynamic measure kernel
+        q~_i = relu( phi(q_i) - lambda_i phi(q'_i) )                          (iii) token differential
+        (k~_j likewise, with its own projectors, routers, exponents and lambdas)
         O_i  = q~_i^T (sum_j k~_j v_j^T) / (q~_i^T sum_j k~_j + eps)  +  DWC(V)_i
 
-    # choice: the ablation switches mean: dynamic_projection=False uses one static
-    # projector for Q', K'; dynamic_kernel=False uses the ReLU kernel; token_differential=False
-    # drops Q', K' altogether (so dynamic_projection has nothing to act on). All three off is
-    # exactly LinearAttention.
+    # choice: the ablation switches: dynamic_projection=False uses one static projector for
+    # Q', K'; dynamic_kernel=False uses the ReLU kernel; token_differential=False drops Q', K'
+    # altogether (so dynamic_projection has nothing to act on). All three off is exactly
+    # LinearAttention (same weights, same output).
     """
 
-    def __init__(self, dim, num_heads, num_projectors=3, kernel_exponents=(1, 2, 3, 4),
+    def __init__(self, dim, num_heads, num_projectors=3, num_kernels=9, num_lambdas=9,
                  dynamic_projection=True, dynamic_kernel=True, token_differential=True,
-                 lambda_init=0.5, dwc_kernel_size=5, eps=1e-6):
+                 dwc_kernel_size=5, eps=1e-6):
         super().__init__(dim, num_heads, dwc_kernel_size, eps)
-        if num_projectors < 1:
-            raise ValueError(f"num_projectors = {num_projectors} must be >= 1")
-        if len(tuple(kernel_exponents)) == 0:
-            raise ValueError("kernel_exponents is empty: give at least one exponent, e.g. (1, 2, 3, 4)")
-        exponents = tuple(kernel_exponents) if dynamic_kernel else (1,)
-        self.kernel_q = DynamicMeasureKernel(dim, exponents)    # design (ii), query side
-        self.kernel_k = DynamicMeasureKernel(dim, exponents)    # design (ii), key side
+        for name, n in (("num_projectors", num_projectors), ("num_kernels", num_kernels), ("num_lambdas", num_lambdas)):
+            _check_count(name, n)
+        self.kernel_q = DynamicMeasureKernel(dim, num_kernels, dynamic_kernel)  # (ii), query side
+        self.kernel_k = DynamicMeasureKernel(dim, num_kernels, dynamic_kernel)  # (ii), key side
         self.redundancy_q = self.redundancy_k = self.differential = None
         if token_differential:
             n_P = num_projectors if dynamic_projection else 1
-            self.redundancy_q = DynamicProjection(dim, n_P)     # design (i): Q' = X W_Q^{u}
-            self.redundancy_k = DynamicProjection(dim, n_P)     # design (i): K' = X W_K^{v}
-            self.differential = TokenDifferential(num_heads, lambda_init)  # design (iii)
+            self.redundancy_q = DynamicProjection(dim, n_P)     # (i)   Q' = X W_Q^{u}
+            self.redundancy_k = DynamicProjection(dim, n_P)     # (i)   K' = X W_K^{v}
+            self.differential = TokenDifferential(dim, num_lambdas)  # (iii)
 
-    def _routes(self, x):
-        """Every router's (B, N) choice and straight-through gate, by name, from one product
-        (route_together); a static design chooses 0 and has no gate."""
-        routers = {"proj_q": getattr(self.redundancy_q, "router", None), "proj_k": getattr(self.redundancy_k, "router", None),
-                   "kernel_q": self.kernel_q.router, "kernel_k": self.kernel_k.router}
-        live = {name: r for name, r in routers.items() if r is not None}
-        chosen = dict(zip(live, route_together(list(live.values()), x))) if live else {}
-        static = (x.new_zeros(x.shape[:-1], dtype=torch.long), None)
-        return {name: chosen.get(name, static) for name in routers}
-
-    def _side(self, x, t, kernel, redundancy, kernel_route, proj_route):
-        """Features of one side (queries or keys) from t = X W^0 in heads: (B, h, N, d), float32."""
-        c, kernel_gate = kernel_route                           # (B, N) kernel choice per token, router gate
-        # choice: the kernel router's gate scales phi(t_i) only, not phi(t'_i): a per-query scale
-        # cancels in the normaliser, so the query router learns through the difference
-        # (with token_differential off, the query-side kernel router gets no gradient).
-        gate = 1.0 if kernel_gate is None else kernel_gate[:, None, :, None]  # (B, 1, N, 1)
-        # contiguous: the kernel's input in the (B, h, N, d) layout of the gradients that come back
-        # from the product; under autocast the float32 cast and this relayout are one copy.
-        phi = kernel(_fp32_contiguous(t), c, gate)              # phi_{g_i}(t_i)          (B, h, N, d)
-        if self.differential is None:
-            return phi
-        # choice: the redundancy t'_i goes through the same kernel phi_{g_i} as t_i, so the
-        # difference compares like with like (the abstract: the redundancy is "produced by
-        # the dynamic measure kernel").
-        r, proj_gate = redundancy(x, proj_route)                # t'_i = X_i W^{u_i}      (B, N, C)
-        r = _fp32_contiguous(_split_heads(r, self.num_heads))   # (B, h, N, d)
-        lam_phi_r = kernel(r, c, self.differential.weight(proj_gate))  # lambda_h phi_{g_i}(t'_i)
-        return self.differential(phi, lam_phi_r)                # relu(phi(t) - lambda_h phi(t'))
-
-    def features(self, x):
-        """q~, k~ (non-negative, float32) and V, each (B, h, N, d)."""
-        q, k, v = _qkv_heads(self.qkv, x, self.num_heads)      # 3 x (B, h, N, d)
-        r = self._routes(x)
-        return (self._side(x, q, self.kernel_q, self.redundancy_q, r["kernel_q"], r["proj_q"]),
-                self._side(x, k, self.kernel_k, self.redundancy_k, r["kernel_k"], r["proj_k"]), v)
+    def features(self, x, parts=False):
+        """q~, k~ (non-negative, float32) and V, each (B, h, N, d), in the paper's order.
+        parts=True also returns the kernel features {"phi_q", "phi_k", "phi_q_r", "phi_k_r"}."""
+        h = self.num_heads
+        q, k, v = _qkv_heads(self.qkv, x, h)                    # Q, K, V = X W^0      3 x (B, h, N, d)
+        q_r = k_r = None
+        if self.differential is not None:                       # (i) redundancy
+            q_r = _split_heads(self.redundancy_q(x), h)         # Q'_i = X_i W_Q^{u_i}  (B, h, N, d)
+            k_r = _split_heads(self.redundancy_k(x), h)         # K'_j = X_j W_K^{v_j}  (B, h, N, d)
+        phi_q, phi_q_r = self.kernel_q(x, q, q_r)               # (ii) kernel: phi_{g_i} on q_i and q'_i
+        phi_k, phi_k_r = self.kernel_k(x, k, k_r)               #      and on k_j and k'_j
+        q_t, k_t = phi_q, phi_k
+        if self.differential is not None:                       # (iii) differential
+            q_t, k_t = self.differential(x, phi_q, phi_q_r, phi_k, phi_k_r)
+        if parts:
+            return q_t, k_t, v, dict(phi_q=phi_q, phi_k=phi_k, phi_q_r=phi_q_r, phi_k_r=phi_k_r)
+        return q_t, k_t, v
 
     def attention_parts(self, x, hw):
         """For plots: the explicit (B, h, N, N) maps of DyDiLA's pieces.
         "base": phi(q).phi(k) normalised (kernels chosen, nothing subtracted); "redundancy":
         phi(q').phi(k') normalised; "differential": the weights forward applies (attention_matrix)."""
         _check_tokens(x, hw, self.dim)
-        q, k, _ = _qkv_heads(self.qkv, x, self.num_heads)      # 3 x (B, h, N, d)
-        r = self._routes(x)                                     # every router once, as in forward
-        c_q, c_k = r["kernel_q"][0], r["kernel_k"][0]          # (B, N) kernel choices
-        parts = {"base": normalised_scores(self.kernel_q(_fp32(q), c_q), self.kernel_k(_fp32(k), c_k), self.eps)}
+        q_t, k_t, _, p = self.features(x, parts=True)
+        maps = {"base": normalised_scores(p["phi_q"], p["phi_k"], self.eps)}
         if self.differential is not None:
-            q_r = _split_heads(self.redundancy_q(x, r["proj_q"])[0], self.num_heads)  # (B, h, N, d)
-            k_r = _split_heads(self.redundancy_k(x, r["proj_k"])[0], self.num_heads)
-            parts["redundancy"] = normalised_scores(self.kernel_q(_fp32(q_r), c_q), self.kernel_k(_fp32(k_r), c_k), self.eps)
-        parts["differential"] = self.attention_matrix(x, hw)
-        return parts
+            maps["redundancy"] = normalised_scores(p["phi_q_r"], p["phi_k_r"], self.eps)
+        maps["differential"] = normalised_scores(q_t, k_t, self.eps)
+        return maps
 
     @torch.no_grad()
     def routing(self, x):
-        """The hard choices per token: dict of (B, N) long tensors (all zeros where static)."""
-        return {name: idx for name, (idx, _) in self._routes(x).items()}
+        """The hard choice of every router per token: dict of (B, N) long tensors, keys among
+        "proj_q", "proj_k", "kernel_q", "kernel_k", "lambda_q", "lambda_k" (the routers that exist)."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}")
+        diff = self.differential
+        routers = {"proj_q": self.redundancy_q and self.redundancy_q.router,
+                   "proj_k": self.redundancy_k and self.redundancy_k.router,
+                   "kernel_q": self.kernel_q.router, "kernel_k": self.kernel_k.router,
+                   "lambda_q": diff and diff.router_q, "lambda_k": diff and diff.router_k}
+        return {name: r(x)[0] for name, r in routers.items() if r is not None}
 
 
 # ----------------------------------------------------------------------------------------
@@ -563,22 +438,29 @@ ATTENTIONS = {"softmax": SoftmaxAttention, "linear": LinearAttention, "dydila": 
 
 
 def sincos_pos_embed(dim, H, W):
-    """Fixed 2-D sin-cos position embedding (DiT / MAE): half the channels encode the row,
-    half the column, each as [sin(pos w), cos(pos w)] with w = 10000^(-k / (dim/4)). -> (H*W, dim)."""
+    """Fixed 2-D sin-cos position embedding, in DiT's (and MAE's) channel order: the first half of
+    the channels encodes the column, the second half the row, each as [sin(pos w), cos(pos w)]
+    with w = 10000^(-k / (dim/4)); tokens row-major. -> (H*W, dim). A DiT checkpoint's weights
+    mean the same here (LiT initialises from a trained DiT)."""
     w = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
-    def embed(pos):                                             # (H*W,) -> (H*W, dim/2)
+    def embed(pos):                                             # (H, W) -> (H*W, dim/2)
         a = pos.reshape(-1, 1) * w
         return torch.cat([a.sin(), a.cos()], dim=1)
-    return torch.cat([embed(rows), embed(cols)], dim=1).float()  # (H*W, dim)
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()  # (H*W, dim): column first, as DiT
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of t in [0, 1] (DiT's TimestepEmbedder).
-    # choice: t is scaled by 1000 first, so the frequencies match DiT's integer steps."""
+    """DiT's sinusoidal timestep embedding (TimestepEmbedder), of t in [0, 1] (float32, (B, dim)).
+    # choice: t is scaled by 1000, DiT's step range, so DDPM's steps k / 1000 embed as DiT's k."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    a = 1000 * t.float()[:, None] * freqs[None]                 # (B, dim/2)
+    s = 1000 * t.float()                                        # (B,)
+    # k / 1000 in float32, times 1000, can miss the integer k by half an ulp (k = 3, 6, ...):
+    # snap to an integer within an ulp, below float32's own rounding of the product for any t
+    near = s.round()
+    s = torch.where((s - near).abs() <= torch.finfo(torch.float32).eps * near, near, s)
+    a = s[:, None] * freqs[None]                                # (B, dim/2)
     return torch.cat([a.cos(), a.sin()], dim=-1)                # (B, dim)
 
 
@@ -645,8 +527,8 @@ class DyDiLiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        # DyDiLA routers initialise themselves (xavier, as Router does); the DWC keeps
-        # PyTorch's conv default (LiT does not re-initialise it).
+        # DyDiLA's routers, exponents and lambdas keep their own initial values (see their
+        # classes); the DWC keeps PyTorch's conv default (LiT does not re-initialise it).
         w = self.x_embedder.weight                              # patchify like a Linear
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
@@ -690,7 +572,8 @@ class DyDiLiT(nn.Module):
             drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C)
-        c = self.t_embedder(timestep_embedding(t, 256)) + self.y_embedder(y)  # (B, C) conditioning
+        t_freq = timestep_embedding(t, 256).to(self.t_embedder[0].weight.dtype)  # (B, 256)
+        c = self.t_embedder(t_freq) + self.y_embedder(y)            # (B, C) conditioning
         for block in self.blocks:
             x = block(x, c, self.hw)                            # (B, N, C)
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)      # 2 x (B, C)

@@ -177,46 +177,60 @@ def print_table(results):
               f"{s['zero_rows']:>4}/{s['rows']}")
 
 
+ROUTERS = {"proj_q": "projector for Q'", "proj_k": "projector for K'", "kernel_q": "exponent g, queries",
+           "kernel_k": "exponent g, keys", "lambda_q": "λ, queries", "lambda_k": "λ, keys"}
+
+
+def router_values(attn):
+    """What each router's choices stand for: {name: (n,) values}: projector numbers 1..n_P,
+    the current exponents g, the current lambdas (routers that exist only)."""
+    values = {"kernel_q": attn.kernel_q.exponents, "kernel_k": attn.kernel_k.exponents}
+    if attn.differential is not None:
+        values.update(lambda_q=attn.differential.lambda_q, lambda_k=attn.differential.lambda_k)
+        values.update({name: torch.arange(1.0, len(side.projectors) + 1)
+                       for name, side in (("proj_q", attn.redundancy_q), ("proj_k", attn.redundancy_k))})
+    return {name: v.detach().float() for name, v in values.items()}
+
+
 def router_figure(path, img, patch, entries):
-    """entries: list of (title, routing dict of (1, N) tensors, hw, n_projectors, kernel exponents),
-    one per DyDiLA (a static side has 1 projector or 1 exponent). One row per entry: the choice
-    per token of each router on the token grid, and the share of tokens per choice. Colour k
-    means choice k everywhere. Prints a warning for a collapsed router (> 95% on one choice)."""
+    """entries: list of (title, DyDiLA module, its input tokens x (1, N, C), hw), one row each:
+    every router's choice per token on the token grid: the projector (one colour each), the chosen
+    exponent g and the chosen lambda (a colour scale over the bank's values). A static design's
+    panel is blank. Prints a warning for a collapsed router (> 95% of tokens on one choice)."""
     plt = T.pyplot()
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-    keys = {"proj_q": "projector for Q'", "proj_k": "projector for K'", "kernel_q": "kernel, queries", "kernel_k": "kernel, keys"}
-    num_projectors = max(e[3] for e in entries)
-    exponents = max((e[4] for e in entries), key=len)
-    n_choices = max(num_projectors, len(exponents))
-    colours = [f"C{k}" for k in range(n_choices)]
-    cmap = ListedColormap(colours)
-    fig, axes = plt.subplots(len(entries), 6, figsize=(16, 2.6 * len(entries)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1, 1, 1, 1, 1.6]})
-    for i, (title, r, hw, n_proj, exps) in enumerate(entries):
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    fig, axes = plt.subplots(len(entries), 1 + len(ROUTERS), figsize=(2.4 * (1 + len(ROUTERS)), 2.7 * len(entries)),
+                             squeeze=False)
+    for i, (title, attn, x, hw) in enumerate(entries):
         show_image(axes[i, 0], img, [], patch, "")
-        axes[i, 0].text(-0.1, 0.5, title, transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
-        bars = axes[i, 5]
-        for j, (key, name) in enumerate(keys.items()):
-            choice = r[key][0].numpy()
-            n = len(exps) if key.startswith("kernel") else n_proj
-            axes[i, j + 1].imshow(choice.reshape(hw), cmap=cmap, vmin=-0.5, vmax=n_choices - 0.5, interpolation="nearest")
-            axes[i, j + 1].set_title(name, fontsize=8)
-            axes[i, j + 1].axis("off")
-            share = np.bincount(choice, minlength=n) / choice.size
-            bars.barh(j, share, left=np.concatenate([[0], np.cumsum(share)[:-1]]), color=colours[:n])
-            if n > 1 and share.max() > 0.95:
-                print(f"warning: {title}: router '{key}' sends {100 * share.max():.0f}% of tokens to one choice (collapsed)")
-        bars.set_yticks(range(4), list(keys.values()), fontsize=7)
-        bars.invert_yaxis()
-        bars.set_xlim(0, 1)
-        bars.set_title("share of tokens per choice", fontsize=8)
-    legend = [Patch(color=colours[k], label=" / ".join(
-        ([f"W^{k + 1}"] if k < num_projectors else []) + ([f"g = {exponents[k]:g}"] if k < len(exponents) else [])))
-        for k in range(n_choices)]
-    fig.legend(handles=legend, loc="lower center", ncol=n_choices, fontsize=8, title="colour = choice (projector / kernel exponent)",
-               title_fontsize=8, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+        axes[i, 0].set_title(title, fontsize=9)
+        routing, values = attn.routing(x), router_values(attn)
+        for j, (key, name) in enumerate(ROUTERS.items()):
+            ax = axes[i, j + 1]
+            ax.axis("off")
+            if key not in routing:
+                ax.set_title(f"{name}\n(static)", fontsize=9)
+                continue
+            choice = routing[key][0]                                    # (N,)
+            share = torch.bincount(choice, minlength=len(values[key])).max().item() / choice.numel()
+            if share > 0.95:
+                print(f"warning: {title}: router '{key}' sends {100 * share:.0f}% of tokens to one choice (collapsed)")
+            ax.set_title(f"{name}\n(top choice: {100 * share:.0f}% of tokens)", fontsize=9)
+            if key.startswith("proj"):                                  # categories: one colour per projector
+                n = len(values[key])
+                cmap = ListedColormap([f"C{k}" for k in range(n)])
+                im = ax.imshow(choice.view(hw).numpy(), cmap=cmap, norm=BoundaryNorm(np.arange(-0.5, n), n),
+                               interpolation="nearest")
+                bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, ticks=range(n))
+                bar.ax.set_yticklabels([f"W^{k + 1}" for k in range(n)], fontsize=8)
+            else:                                                       # the chosen value per token
+                v = values[key]
+                im = ax.imshow(v[choice].view(hw).numpy(), cmap="viridis", vmin=v.min().item(),
+                               vmax=max(v.max().item(), v.min().item() + 1e-6), interpolation="nearest")
+                bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+                bar.ax.tick_params(labelsize=8)
+            bar.set_label({"proj": "projector", "kernel": "exponent g", "lambda": "λ"}[key.split("_")[0]], fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -224,11 +238,6 @@ def router_figure(path, img, patch, entries):
 # ----------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------
-
-def router_sizes(attn):
-    """(number of projectors, kernel exponents) of a DyDiLA module; static sides count 1."""
-    return (len(attn.redundancy_q.projectors) if attn.redundancy_q is not None else 1), attn.kernel_q.exponents.tolist()
-
 
 def untrained(args, out):
     """The three mechanisms, same width, same seed (so the same Q and K), on one image's tokens."""
@@ -247,7 +256,7 @@ def untrained(args, out):
     smoothness_figure(out / "attention_smoothness.png", results, title)
     print_table(results)
     dy = modules["dydila"]
-    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy.routing(x), hw, *router_sizes(dy))])
+    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy, x, hw)])
     return ["attention_maps.png", "attention_smoothness.png", "router_maps.png"]
 
 
@@ -308,7 +317,7 @@ def from_checkpoints(args, out):
             with torch.no_grad():
                 maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
                 if isinstance(attn, D.DyDiLA):
-                    routers.append((f"{name} t={t:g}", attn.routing(x), hw, *router_sizes(attn)))
+                    routers.append((f"{name} t={t:g}", attn, x, hw))
                     parts.append((f"{name} t={t:g}", attn.attention_parts(x, hw)))
     patch = first.image_size // hw[0]
     queries = scaled_queries(hw)
