@@ -98,10 +98,13 @@ def focused_kernel(x, g):
     """
     tiny = torch.finfo(x.dtype).tiny
     r = F.relu(x)
-    m = r.amax(dim=-1, keepdim=True).clamp_min(tiny)            # row maximum (B, h, N, 1)
-    r = r / m                                                   # phi_g is 1-homogeneous: scaled to [0, 1], r^g cannot overflow
+    # phi_g is 1-homogeneous: phi_g(r) = m phi_g(r / m) for any m > 0. With m the row maximum, r / m
+    # lies in [0, 1] and (r / m)^g cannot overflow; the output does not depend on m, so autograd may
+    # treat it as a constant (detach: the same gradient, without differentiating the max)
+    m = r.detach().amax(dim=-1, keepdim=True).clamp_min(tiny)   # row maximum  (B, h, N, 1)
+    r = r / m
     p = r ** g                                                  # relu(x)^g / m^g
-    return m * p * (r.norm(dim=-1, keepdim=True) / p.norm(dim=-1, keepdim=True).clamp_min(tiny))
+    return p * (m * r.norm(dim=-1, keepdim=True) / p.norm(dim=-1, keepdim=True).clamp_min(tiny))  # (B, h, N, d)
 
 
 def linear_attention(q, k, v, eps):
@@ -270,10 +273,11 @@ class DynamicMeasureKernel(nn.Module):
     The exponent chosen for token i applies to t_i and to its redundancy t'_i (the abstract: the
     redundancy is "produced by the dynamic measure kernel").
     # choice: one choice per token, shared by the heads; the router reads X_i (as in design (i)).
-    # choice: initial exponents spread evenly over [1.5, 4.5] (mean 3.0, the [C] source's value and
-    # FLatten's focusing factor) rather than all 3.0: with identical exponents every choice computes
-    # the same kernel, so the router's first gradients cannot tell the options apart (and under the
-    # softmax-weighted straight-through estimator they are exactly zero). n_K = 1: one exponent, 3.0.
+    # choice: initial exponents spread evenly over [1.5, 4.5] (mean 3.0, FLatten's focusing factor),
+    # not all 3.0 as in the [C] source. With identical exponents every choice computes the same
+    # kernel: through its gate the router still gets a gradient (how much the chosen phi should
+    # weigh), but none about which exponent suits a token until the exponents drift apart; under a
+    # softmax-weighted straight-through estimator it gets exactly none. n_K = 1: one exponent, 3.0.
     dynamic=False is the static ReLU kernel of LiT (exponents == [1], no router).
     """
 
@@ -422,11 +426,10 @@ class DyDiLA(LinearAttention):
         "proj_q", "proj_k", "kernel_q", "kernel_k", "lambda_q", "lambda_k" (the routers that exist)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}")
-        diff = self.differential
-        routers = {"proj_q": self.redundancy_q and self.redundancy_q.router,
-                   "proj_k": self.redundancy_k and self.redundancy_k.router,
-                   "kernel_q": self.kernel_q.router, "kernel_k": self.kernel_k.router,
-                   "lambda_q": diff and diff.router_q, "lambda_k": diff and diff.router_k}
+        routers = {"kernel_q": self.kernel_q.router, "kernel_k": self.kernel_k.router}
+        if self.differential is not None:
+            routers = {"proj_q": self.redundancy_q.router, "proj_k": self.redundancy_k.router, **routers,
+                       "lambda_q": self.differential.router_q, "lambda_k": self.differential.router_k}
         return {name: r(x)[0] for name, r in routers.items() if r is not None}
 
 

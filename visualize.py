@@ -446,15 +446,15 @@ def ablation(args, out):
 
 def measure(modules, x, hw, repeats, device, graphs=False):
     """Forward+backward seconds (median), peak memory in MiB (CUDA: allocator peak over the
-    call; CPU: bytes autograd saves for backward, the activation memory) and the per-round
+    call; CPU: bytes of the distinct tensors autograd saves for backward, the activation memory) and the per-round
     seconds of each module on x.
     The modules take turns, one call each per round, so that a shared machine's slow spells
     fall on all of them alike. graphs (CUDA): time a CUDA-graph replay of the forward+backward
     instead, the same kernels without Python, dispatcher or launch overhead: the GPU's own time."""
-    saved = [0]
+    saved = {}                                                  # storage -> bytes: a tensor saved twice counts once
 
     def pack(t):
-        saved[0] += t.numel() * t.element_size()
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     def once(module):
@@ -463,14 +463,14 @@ def measure(modules, x, hw, repeats, device, graphs=False):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-        saved[0] = 0
+        saved.clear()
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(x, hw).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         sec = time.perf_counter() - t0
-        return sec, ((torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else saved[0]) / 2**20
+        return sec, ((torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else sum(saved.values())) / 2**20
 
     def capture(module):
         """A function that replays module's forward+backward on x from a CUDA graph."""
