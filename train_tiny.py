@@ -649,7 +649,7 @@ def get_parser():
     g.add_argument("--objective", default="flow", choices=["flow", "ddpm"], help="rectified flow or DDPM (epsilon)")
     g.add_argument("--ddpm-schedule", default="linear", choices=["linear", "cosine"], help="DDPM noise schedule")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=10000, help="total optimiser steps (10k: about 28 min for DyDi-LiT-S/2 on one H100, eager)")
+    g.add_argument("--steps", type=int, default=10000, help="total optimiser steps")
     g.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate after warmup (constant)")
     g.add_argument("--warmup", type=int, default=500, help="linear warmup steps")
@@ -658,9 +658,9 @@ def get_parser():
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and noise")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast + TF32 on CUDA, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (checkpoints keep the raw module). Default: on with CUDA, off elsewhere. "
-                        "On a GPU it fuses DyDiLA's many small elementwise passes (a DyDi-LiT-T/4 step ran 2.4x as fast on "
-                        "an H100); the first step then compiles for one to a few minutes. On a CPU it does not pay")
+                   help="torch.compile the model (checkpoints keep the raw module). Default: on with CUDA, where it "
+                        "fuses DyDiLA's many small elementwise passes (the first step then compiles for a minute or more); "
+                        "off elsewhere")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/tiny", help="checkpoint ckpt.pt, log.jsonl, sample grids, loss.png")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir (same flags)")

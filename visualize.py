@@ -612,7 +612,7 @@ def get_parser():
     p.add_argument("--scaling", action="store_true", help="time and memory against the number of tokens instead")
     p.add_argument("--max-tokens", type=int, default=None, help="--scaling: largest N (default 16384 on CPU, 262144 on CUDA)")
     p.add_argument("--compile", action="store_true", help="--scaling: torch.compile each attention first (fuses DyDiLA's "
-                   "elementwise passes on a GPU; compiles once per size, seconds to a minute each; on a CPU it measured slower than eager)")
+                   "elementwise passes; compiles once per size, seconds to a minute each)")
     p.add_argument("--cuda-graphs", action="store_true", help="--scaling on CUDA: time CUDA-graph replays of each forward+backward, "
                    "the GPU's own time without Python, dispatcher and launch overhead (which bounds small N on a GPU)")
     p.add_argument("--repeats", type=int, default=5, help="--scaling: at least this many timed rounds per point (median; fast points run more rounds, ~3 s)")
