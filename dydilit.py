@@ -270,8 +270,8 @@ class DynamicMeasureKernel(nn.Module):
 
         phi(t_i) = phi_{g_{c_i}}(t_i),   c_i = argmax_c (X_i R^K)_c,   g_c = 1 + softplus(theta_c) >= 1.
 
-    The exponent chosen for token i applies to t_i and to its redundancy t'_i (the abstract: the
-    redundancy is "produced by the dynamic measure kernel").
+    # choice: the exponent chosen for token i applies to t_i and to its redundancy t'_i (the
+    # abstract: the redundancy is "produced by the dynamic measure kernel").
     # choice: one choice per token, shared by the heads; the router reads X_i (as in design (i)).
     # choice: initial exponents spread evenly over [1.5, 4.5] (mean 3.0, FLatten's focusing factor),
     # not all 3.0 as in the [C] source. With identical exponents every choice computes the same

@@ -423,7 +423,7 @@ def pick_device():
 
 
 CPU_RECIPE = ("no GPU found: training on the CPU. The defaults are sized for one GPU; a CPU recipe "
-              "(14 minutes on 2 cores, recognisable garments): python train_tiny.py --dataset fashion-mnist "
+              "(about 15 minutes on 2 cores, recognisable garments): python train_tiny.py --dataset fashion-mnist "
               "--model DyDiLiT-T/4 --batch-size 32 --steps 1200 --eval-every 400 --sample-every 600 --val-size 256")
 
 
