@@ -41,6 +41,8 @@ def _check_tokens(x, hw, dim):
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, C) tokens, got shape {tuple(x.shape)}")
     B, N, C = x.shape
+    if not (isinstance(hw, (tuple, list, torch.Size)) and len(hw) == 2):
+        raise ValueError(f"hw must be the token grid (H, W), a pair of ints with H * W = N, got {hw!r}")
     H, W = hw
     if N != H * W:
         raise ValueError(f"N = {N} tokens does not match hw = ({H}, {W}): N must equal H * W = {H * W}")
@@ -50,6 +52,8 @@ def _check_tokens(x, hw, dim):
 
 
 def _check_heads(dim, num_heads):
+    if dim < 1:
+        raise ValueError(f"dim = {dim} must be >= 1")
     if num_heads < 1 or dim % num_heads != 0:
         raise ValueError(f"dim = {dim} is not divisible by num_heads = {num_heads}: pick heads that divide dim")
 
@@ -560,13 +564,16 @@ class DyDiLiT(nn.Module):
             raise ValueError(f"t and y must be (B,) = ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
         if y.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"labels must be integers (torch.long), got {y.dtype}")
-        # the range check reads y's values: a host sync, and under torch.compile a graph break
-        # that would also keep the step out of a CUDA graph. Compiled, it is left to the embedding.
+        # the range checks read y's and t's values: a host sync, and under torch.compile a graph
+        # break that would also keep the step out of a CUDA graph. Compiled, they are skipped.
         if torch.compiler.is_compiling():
             return
         if int(y.min()) < 0 or int(y.max()) > self.num_classes:
             raise ValueError(f"labels must be integers in [0, {self.num_classes - 1}] "
                              f"(or {self.num_classes} for the null class), got range [{y.min().item()}, {y.max().item()}]")
+        if not (t.min() >= 0 and t.max() <= 1):                 # also false for NaN
+            raise ValueError(f"t must be times in [0, 1] (DDPM passes step / num_timesteps), "
+                             f"got range [{t.min().item():g}, {t.max().item():g}]")
 
     def forward(self, x, t, y):
         """x: (B, c, S, S) noisy images, t: (B,) float in [0, 1], y: (B,) class ids -> (B, c, S, S)."""
@@ -608,6 +615,11 @@ def _randn(shape, generator, device):
     """Noise from `generator` (on its own device, so CPU generators work for CUDA models)."""
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def _check_steps(steps):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps = {steps!r} must be a whole number >= 1 (sampler steps)")
 
 
 def _predict(model, x, t, y, cfg_scale):
@@ -653,16 +665,19 @@ class DDPM:
         return self.losses(model, x0, y)[0].mean()
 
     @torch.no_grad()
-    def sample(self, model, shape, y, steps=50, cfg_scale=1.0, generator=None, sampler="ancestral"):
-        """Ancestral (fixed posterior variance) or DDIM (eta = 0) on `steps` evenly spaced steps."""
+    def sample(self, model, shape, y, steps=50, cfg_scale=1.0, generator=None, sampler="ancestral", progress=None):
+        """Ancestral (fixed posterior variance) or DDIM (eta = 0) on `steps` evenly spaced steps.
+        progress: wraps the loop over steps, e.g. tqdm.tqdm, for a progress bar."""
         if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"unknown sampler '{sampler}' for DDPM: choose 'ancestral' or 'ddim'")
+        _check_steps(steps)
         device = y.device
         ts = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long().unique()  # increasing
         abar = self.alphas_cumprod[ts]
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])   # respaced: the step before each one
         x = _randn(shape, generator, device)
-        for i in reversed(range(len(ts))):
+        order = range(len(ts) - 1, -1, -1)                      # from the noisiest step down
+        for i in progress(order) if progress else order:
             a, a_prev = abar[i].item(), abar_prev[i].item()
             t = torch.full((shape[0],), ts[i].item() / self.num_timesteps, device=device)
             eps = _predict(model, x, t, y, cfg_scale).float()
@@ -706,14 +721,17 @@ class FlowMatching:
         return self.losses(model, x0, y)[0].mean()
 
     @torch.no_grad()
-    def sample(self, model, shape, y, steps=50, cfg_scale=1.0, generator=None, sampler="euler"):
-        """Euler or Heun (2nd order; its last step is Euler) from t = 1 to t = 0."""
+    def sample(self, model, shape, y, steps=50, cfg_scale=1.0, generator=None, sampler="euler", progress=None):
+        """Euler or Heun (2nd order; its last step is Euler) from t = 1 to t = 0.
+        progress: wraps the loop over steps, e.g. tqdm.tqdm, for a progress bar."""
         if sampler not in ("euler", "heun"):
             raise ValueError(f"unknown sampler '{sampler}' for flow matching: choose 'euler' or 'heun'")
+        _check_steps(steps)
         device = y.device
         x = _randn(shape, generator, device)
         ts = torch.linspace(1, 0, steps + 1).tolist()
-        for t, t_next in zip(ts[:-1], ts[1:]):
+        for k in progress(range(steps)) if progress else range(steps):
+            t, t_next = ts[k], ts[k + 1]
             v = _predict(model, x, torch.full((shape[0],), t, device=device), y, cfg_scale).float()
             x_next = x + (t_next - t) * v
             if sampler == "heun" and t_next > 0:
@@ -729,7 +747,9 @@ class FlowMatching:
 
 def training_step(model, objective, optimizer, x0, y, grad_clip=1.0, amp_dtype=None):
     """One update: loss under autocast (amp_dtype, e.g. torch.bfloat16) -> backward -> clip -> step.
-    Returns detached tensors (no host sync): loss, per-sample losses, their t, grad norm."""
+    A non-finite loss or gradient norm skips the optimizer step, so no NaN ever reaches the weights
+    (this check is the step's one host sync). Returns the loss, per-sample losses, their t and the
+    grad norm (detached tensors), and skipped (bool)."""
     ctx = torch.autocast(x0.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with ctx:
         losses, t = objective.losses(model, x0, y)
@@ -737,8 +757,11 @@ def training_step(model, objective, optimizer, x0, y, grad_clip=1.0, amp_dtype=N
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
-    optimizer.step()
-    return {"loss": loss.detach(), "losses": losses.detach(), "t": t.detach(), "grad_norm": grad_norm.detach()}
+    skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+    return {"loss": loss.detach(), "losses": losses.detach(), "t": t.detach(), "grad_norm": grad_norm.detach(),
+            "skipped": skipped}
 
 
 @torch.no_grad()

@@ -17,6 +17,12 @@ from torch.overrides import TorchFunctionMode
 import dydilit as D
 
 HW = (6, 10)                    # a non-square token grid
+
+
+@pytest.fixture(autouse=True)
+def own_working_directory(tmp_path, monkeypatch):
+    """No test reads or writes the folder pytest runs in (a user's runs/, viz/ or data/ are there)."""
+    monkeypatch.chdir(tmp_path)
 N = HW[0] * HW[1]
 
 
@@ -510,6 +516,14 @@ def test_attention_input_errors(kind):
         m(tokens(C=16), HW)
     with pytest.raises(ValueError, match=r"N = 60 tokens does not match"):
         m.attention_matrix(tokens(), (5, 5))
+    for hw in (None, 8, (6, 10, 1)):
+        with pytest.raises(ValueError, match=r"hw must be the token grid \(H, W\), a pair of ints"):
+            m(tokens(), hw)
+    with pytest.raises(ValueError, match="dim = 0 must be >= 1"):
+        D.ATTENTIONS[kind](0, 1)
+    if kind == "dydila":
+        with pytest.raises(ValueError, match=r"x must be \(B, N, 32\) tokens, got shape \(2, 60, 16\)"):
+            m.routing(tokens(C=16))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -540,6 +554,9 @@ def test_model_input_errors():
         model(torch.randn(2, 3, 16, 16), t, y)
     with pytest.raises(ValueError, match=r"t and y must be \(B,\) = \(2,\)"):
         model(x, t[:1], y)
+    for bad in (torch.tensor([0.5, 1.5]), torch.tensor([-0.1, 0.5]), torch.tensor([0.5, float("nan")])):
+        with pytest.raises(ValueError, match=r"t must be times in \[0, 1\]"):
+            model(x, bad, y)
 
 
 def test_objective_errors():
@@ -552,6 +569,27 @@ def test_objective_errors():
         D.DDPM().sample(None, (1, 1, 2, 2), y, sampler="euler")
     with pytest.raises(ValueError, match="unknown sampler 'ddim' for flow matching"):
         D.FlowMatching().sample(None, (1, 1, 2, 2), y, sampler="ddim")
+    with pytest.raises(ValueError, match="steps = 0 must be a whole number >= 1"):
+        D.FlowMatching().sample(None, (1, 1, 2, 2), y, steps=0)
+    with pytest.raises(ValueError, match="steps = -3 must be a whole number >= 1"):
+        D.DDPM().sample(None, (1, 1, 2, 2), y, steps=-3)
+
+
+def test_training_step_skips_a_non_finite_update():
+    torch.manual_seed(0)
+    model = D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
+    x, _, y = batch(model)
+    x[0, 0, 3, 3] = float("nan")                                # one NaN pixel
+    before = copy.deepcopy(model.state_dict())
+    out = D.training_step(model, D.FlowMatching(), opt, x, y)
+    assert out["skipped"] and not torch.isfinite(out["loss"])
+    for name, p in model.state_dict().items():                  # no update: every weight as it was, finite
+        assert torch.equal(p, before[name]), name
+    assert not opt.state                                        # and the optimizer took no step
+    out = D.training_step(model, D.FlowMatching(), opt, torch.nan_to_num(x), y)
+    assert not out["skipped"] and torch.isfinite(out["loss"])
+    assert any(not torch.equal(p, before[n]) for n, p in model.state_dict().items())
 
 
 # =======================================================================================
@@ -721,7 +759,7 @@ def test_cifar10_md5_mismatch_is_a_clear_error_and_extracts_nothing(tmp_path, mo
         T.load_cifar10(data_dir)
     assert set(p.name for p in data_dir.iterdir()) == {"cifar-10-python.tar.gz"}
     # through the command line: one line on stderr, exit code 2
-    assert T.main(["--data-dir", str(data_dir), "--steps", "1"]) == 2
+    assert T.main(["--data-dir", str(data_dir), "--steps", "1", "--out-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "MD5" in err and err.count("\n") == 1
 
@@ -729,7 +767,7 @@ def test_cifar10_md5_mismatch_is_a_clear_error_and_extracts_nothing(tmp_path, mo
 def test_cifar10_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")   # refused at once, offline
     with pytest.raises(T.UserError, match=r"put cifar-10-python.tar.gz .* into .*data/"):
-        T.load_cifar10(tmp_path / "data")
+        T.load_cifar10(tmp_path / "data", explicit=False)     # the default ./data: created for the download
     assert not any((tmp_path / "data").iterdir())           # no partial download left behind
 
 
@@ -780,8 +818,9 @@ def test_subin_reads_class_folders_skips_corrupt_files(tmp_path, capsys):
     data = T.load_subin(root, 2, None, 16, tmp_path / "cache")
     assert data.classes == ["n01", "n02"]                    # the first two in sorted order
     assert "skipped 1 unreadable files of 56" in capsys.readouterr().out
-    assert data.train_x.shape == (54, 3, 16, 16) and data.val_x.shape == (1, 3, 16, 16)  # every 50th held out
-    assert data.train_y.tolist().count(0) == 3 and data.val_y.tolist() == [1]
+    # held out: every 50th image of a class, and the last of a class with 2 to 49 (n01: 4 files, 3 readable)
+    assert data.train_x.shape == (53, 3, 16, 16) and data.val_x.shape == (2, 3, 16, 16)
+    assert data.train_y.tolist().count(0) == 2 and data.val_y.tolist() == [0, 1]
     again = T.load_subin(root, 2, None, 16, tmp_path / "cache")   # from the cache
     assert torch.equal(again.train_x, data.train_x) and len(list((tmp_path / "cache").iterdir())) == 1
     listed = tmp_path / "classes.txt"
@@ -792,15 +831,167 @@ def test_subin_reads_class_folders_skips_corrupt_files(tmp_path, capsys):
         T.load_subin(root, 2, str(listed), 16, tmp_path / "cache")
 
 
+# --- nothing lost: signals, non-finite steps, small classes --------------------------------
+
+def test_a_signal_writes_the_checkpoint_before_validating(tmp_path, monkeypatch, capsys):
+    seen = []
+    real_step, real_validation = D.training_step, T.validation_loss
+
+    def step(*a, **k):
+        out = real_step(*a, **k)
+        if len(seen) == 2:                                      # during step 3: the signal arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        seen.append("step")
+        return out
+
+    def validation(*a, **k):                                    # the checkpoint is already on disk
+        seen.append(torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"])
+        return real_validation(*a, **k)
+
+    monkeypatch.setattr(D, "training_step", step)
+    monkeypatch.setattr(T, "validation_loss", validation)
+    handler = signal.getsignal(signal.SIGTERM)
+    code = T.main([*TINY, "--steps", "50", "--eval-every", "1000", "--sample-every", "1000", "--out-dir", str(tmp_path / "run")])
+    assert code == 128 + signal.SIGTERM and seen == ["step"] * 3 + [3]
+    assert "interrupted at step 3: checkpoint saved to" in capsys.readouterr().out
+    assert [r["step"] for r in log_rows(tmp_path / "run") if "val_loss" in r] == [3]   # validated after saving
+    assert (tmp_path / "run" / "loss.png").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler          # the handlers are restored
+
+
+def test_a_second_signal_skips_the_validation(tmp_path, monkeypatch):
+    real_step = D.training_step
+
+    def step(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)                     # Ctrl-C during the first step
+        return real_step(*a, **k)
+
+    def validation(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)                     # Ctrl-C again while it validates
+        for _ in range(3000):                                   # a long validation: must not run to its end
+            time.sleep(0.01)
+        raise AssertionError("the second Ctrl-C did not stop the validation")
+
+    monkeypatch.setattr(D, "training_step", step)
+    monkeypatch.setattr(T, "validation_loss", validation)
+    code = T.main([*TINY, "--steps", "50", "--out-dir", str(tmp_path / "run")])
+    assert code == 128 + signal.SIGINT
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
+    log = tmp_path / "run" / "log.jsonl"
+    assert not log.exists() or not [r for r in log_rows(tmp_path / "run") if "val_loss" in r]
+
+
+def test_a_signal_during_a_sample_grid_saves_at_once(tmp_path, monkeypatch):
+    def grid(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(3000):
+            time.sleep(0.01)
+        raise AssertionError("the signal did not stop the sample grid")
+
+    monkeypatch.setattr(T, "sample_grid", grid)
+    monkeypatch.setattr(T, "validation_loss", lambda *a, **k: (1.0, [1.0] * len(T.VAL_TIMES)))
+    code = T.main([*TINY, "--steps", "50", "--eval-every", "1000", "--sample-every", "2", "--out-dir", str(tmp_path / "run")])
+    assert code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_non_finite_steps_are_skipped_and_the_run_stops_with_good_weights(tmp_path, monkeypatch, capsys):
+    real_step, calls = D.training_step, []
+
+    def step(model, objective, opt, x0, y, **k):
+        calls.append(1)
+        if len(calls) in (2, 5, 6, 7):                          # step 2 alone, then three in a row from step 5
+            x0 = x0 * float("nan")
+        return real_step(model, objective, opt, x0, y, **k)
+
+    monkeypatch.setattr(D, "training_step", step)
+    out = tmp_path / "run"
+    code = T.main([*TINY, "--steps", "20", "--log-every", "1", "--eval-every", "3", "--sample-every", "100", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]                                  # after the progress bar, one line
+    assert code == 2 and last.startswith("error: ") and "not finite for 3 steps in a row (up to step 7)" in last, err
+    rows = {r["step"]: r for r in log_rows(out) if "loss" in r}
+    assert rows[2]["skipped_steps"] == 1 and rows[2]["loss"] is None and math.isfinite(rows[3]["loss"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
+    assert (out / "loss.png").exists()                         # written with each checkpoint
+
+
+def test_subin_holds_out_an_image_of_every_small_class_and_refuses_empty_ones(tmp_path):
+    from PIL import Image
+    root = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    for wnid, n in (("n01", 3), ("n02", 1), ("n03", 12)):
+        (root / wnid).mkdir(parents=True)
+        for j in range(n):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / wnid / f"img{j:03d}.JPEG")
+    data = T.load_subin(root, 3, None, 8, tmp_path / "cache")
+    assert data.val_y.tolist() == [0, 2] and len(data.train_y) == 2 + 1 + 11   # n02's single image trains
+    one = tmp_path / "one"
+    (one / "n01").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(one / "n01" / "a.JPEG")
+    with pytest.raises(T.UserError, match="leave no validation image"):
+        T.load_subin(one, 1, None, 8, tmp_path / "cache")
+    (root / "n00").mkdir()
+    with pytest.raises(T.UserError, match="class folder .*n00 has no images"):
+        T.load_subin(root, 4, None, 8, tmp_path / "cache")
+
+
+def test_data_dir_fallbacks_are_announced_and_explicit_folders_must_exist(tmp_path, monkeypatch, capsys):
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    images, labels = np.zeros((3, 28, 28), np.uint8), np.arange(3, dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        write_idx(debian / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(debian / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setattr(T, "FASHION_DIRS", [str(debian)])
+    T.load_fashion_mnist(tmp_path / "data", explicit=False)
+    assert f"reading Fashion-MNIST from {debian}" in capsys.readouterr().out
+    with pytest.raises(T.UserError, match="does not exist: point it at the folder with the Fashion-MNIST IDX files"):
+        T.load_fashion_mnist(tmp_path / "nowhere")
+    with pytest.raises(T.UserError, match="does not exist: create it"):
+        T.load_cifar10(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()                  # nothing created
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU recipe hint is for CPU-only machines")
+def test_the_cpu_recipe_is_suggested_only_for_the_gpu_defaults(tmp_path, capsys):
+    T.main(["--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "a")])   # defaults: stops at the data
+    assert "no GPU found" in capsys.readouterr().out
+    T.main([*TINY, "--steps", "1", "--sample-every", "100", "--out-dir", str(tmp_path / "b")])
+    assert "no GPU found" not in capsys.readouterr().out
+
+
+def test_long_waits_show_progress_and_help_shows_real_defaults(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert T.main([*TINY, "--steps", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "validation" in err and "sampling samples_final.png" in err
+    assert T.main(["--sample-from", str(out / "ckpt.pt"), "--grid", str(tmp_path / "g.png"), "--sample-steps", "2"]) == 0
+    assert "sampling g.png" in capsys.readouterr().err
+    for parser in (T.get_parser(), V.get_parser()):
+        text = " ".join(parser.format_help().split())          # unwrapped
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert "default: the middle) (default" not in text and "default 16384 on CPU, 262144 on CUDA) (default" not in text
+        assert "--out-dir" in text and "--out " not in text
+    assert "(default: 0.0003)" in " ".join(T.get_parser().format_help().split())
+
+
 # --- bad input ends with one clear line and exit code 2 ---------------------------------
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "DyDiLiT-T/4", "--image-size", "18"], "image size 18 is not divisible by the patch size 4"),
-    (["--sampler", "ddim"], "--sampler ddim does not belong to --objective flow"),
+    (["--sampler", "ddim"], "--sampler ddim does not belong to the objective flow"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--dataset", "fashion-mnist", "--image-size", "64", "--model", "DyDiLiT-T/4"], "--image-size 64 does not match fashion-mnist's 32 x 32"),
     (["--resume"], "--resume: no checkpoint at"),
     (["--sample-from", "nothing.pt"], "--sample-from nothing.pt: no such file"),
+    (["--lr", "-1"], "--lr must be a positive learning rate"),
+    (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1]"),
+    (["--warmup", "-2"], "--warmup must be >= 0"),
+    (["--sample-from", "nothing.pt", "--sample-steps", "0"], "--sample-steps must be >= 1"),
+    (["--dataset", "fashion-mnist", "--image-size", "32", "--data-dir", "/nonexistent/dir"], "--data-dir /nonexistent/dir does not exist"),
+    (["--dataset", "cifar10", "--image-size", "32", "--data-dir", "nonexistent"], "--data-dir nonexistent does not exist: create it"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -852,7 +1043,7 @@ def test_smoothness_metrics_known_answers():
 
 def test_visualize_default_mode_writes_figures(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(T, "FASHION_DIRS", [])                # offline synthetic image, whatever is installed
-    assert V.main(["--out", str(tmp_path), "--data-dir", str(tmp_path / "none")]) == 0
+    assert V.main(["--out-dir", str(tmp_path)]) == 0
     for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
     table = capsys.readouterr().out
@@ -865,13 +1056,17 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
         out = tmp_path / name
         assert T.main([*TINY, *flags, "--steps", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
         runs.append(str(out / "ckpt.pt"))
-    assert V.main(["--out", str(tmp_path / "viz"), "--ckpt", *runs, "--t", "0.3", "0.7"]) == 0
-    for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png", "dydila_parts.png"):
+    assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", *runs, "--t", "0.3", "0.7"]) == 0
+    for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png", "dydila_parts_dydila.png",
+                 "dydila_parts_static.png"):                    # DyDiLA's parts: one figure per run
         assert (tmp_path / "viz" / name).stat().st_size > 10_000, name
+    from PIL import Image
+    for name in ("router_maps.png", "dydila_parts_dydila.png"):  # wide figures stay readable in a README column
+        assert Image.open(tmp_path / "viz" / name).size[0] <= 1300, name
     out = capsys.readouterr().out
     assert "dydila (dydila) t=0.7" in out and "layer 3" in out
     assert not [w for w in out.splitlines() if w.startswith("warning: dydila (static)") and "kernel" in w]  # a static kernel is no collapse
-    assert V.main(["--out", str(tmp_path / "viz"), "--ckpt", *runs, "--layer", "9"]) == 2
+    assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", *runs, "--layer", "9"]) == 2
     assert "--layer 9 is out of range: " in capsys.readouterr().err
 
     # --ablation: the runs grouped into rows, seeds of one configuration together
@@ -879,7 +1074,7 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     s1 = tmp_path / "dydila_s1"
     assert T.main([*TINY, "--seed", "1", "--steps", "4", "--eval-every", "2", "--sample-every", "100", "--out-dir", str(s1)]) == 0
     runs.append(str(s1 / "ckpt.pt"))
-    assert V.main(["--out", str(tmp_path / "abl"), "--ckpt", *runs, "--ablation", "--t", "0.5"]) == 0
+    assert V.main(["--out-dir", str(tmp_path / "abl"), "--ckpt", *runs, "--ablation", "--t", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "all rows are compared at step 2" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
@@ -890,12 +1085,12 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     assert len(vals) == 2 and float(vals[1]) == pytest.approx(s1_val, abs=1e-4)   # seed 1's loss at step 2, not 4
     for name in ("ablation.png", "ablation_samples.png"):
         assert (tmp_path / "abl" / name).stat().st_size > 10_000, name
-    assert V.main(["--out", str(tmp_path / "abl"), "--ablation"]) == 2
+    assert V.main(["--out-dir", str(tmp_path / "abl"), "--ablation"]) == 2
     assert "--ablation draws train_tiny.py runs" in capsys.readouterr().err
 
 
 def test_visualize_scaling_writes_csv_and_plot(tmp_path):
-    assert V.main(["--out", str(tmp_path), "--scaling", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]) == 0
+    assert V.main(["--out-dir", str(tmp_path), "--scaling", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
     assert [int(r["tokens"]) for r in rows] == [256, 1024]
     assert all(float(r[f"{k}_ms"]) > 0 and float(r[f"{k}_mem_mib"]) > 0 for r in rows for k in V.MECHANISMS)
@@ -913,15 +1108,26 @@ def test_visualize_scaling_compiles_each_size_with_static_shapes(tmp_path, monke
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
     for name in ("cache_size_limit", "accumulated_cache_size_limit"):    # --compile raises them: restore after
         monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
-    argv = ["--out", str(tmp_path), "--scaling", "--compile", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]
+    argv = ["--out-dir", str(tmp_path), "--scaling", "--compile", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]
     assert V.main(argv) == 0
     assert [int(r["tokens"]) for r in csv.DictReader(open(tmp_path / "scaling.csv"))] == [256, 1024]
     assert calls == [{"dynamic": False}] * 2 * len(V.MECHANISMS)
 
 
+def test_visualize_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(T, "FASHION_DIRS", [])
+    for argv, message in ((["--index", "999999"], "--index 999999 is out of range: the synthetic held-out set has images 0..499"),
+                          (["--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
+                          (["--ckpt", "missing.pt"], "missing.pt: no such checkpoint file"),
+                          (["--scaling", "--max-tokens", "100"], "--max-tokens 100 is below the smallest size timed, 256")):
+        assert V.main(["--out-dir", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_visualize_scaling_options_fail_clearly(tmp_path, capsys):
-    assert V.main(["--out", str(tmp_path), "--compile"]) == 2
+    assert V.main(["--out-dir", str(tmp_path), "--compile"]) == 2
     assert "options of --scaling: add --scaling" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert V.main(["--out", str(tmp_path), "--scaling", "--cuda-graphs"]) == 2
+        assert V.main(["--out-dir", str(tmp_path), "--scaling", "--cuda-graphs"]) == 2
         assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err

@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +41,14 @@ import dydilit as D
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FASHION_DIRS = ["/usr/share/datasets/fashion-mnist"]    # Debian's dataset-fashion-mnist package
+DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
+FASHION_DIRS = [DEBIAN_FASHION_DIR]                     # where Fashion-MNIST is looked for after --data-dir
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
 VAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)                  # validation: fixed times and fixed noise, same for every run
 VAL_NOISE_SEED = 1234
+DEFAULT_DATA_DIR = "./data"                             # --data-dir when not given (created for the CIFAR-10 download)
+MAX_SKIPS_IN_A_ROW = 3                                  # non-finite steps in a row before the run stops
 # What a checkpoint's model and objective depend on: resuming with other values is an error.
 ARCH_KEYS = ("dataset", "model", "attn", "image_size", "num_classes", "objective", "ddpm_schedule",
              "no_dynamic_projection", "no_dynamic_kernel", "no_token_differential")
@@ -53,6 +56,10 @@ ARCH_KEYS = ("dataset", "model", "attn", "image_size", "num_classes", "objective
 
 class UserError(Exception):
     """Bad input: printed as one line, exit code 2, no traceback."""
+
+
+class Stopped(Exception):
+    """Raised by the signal handler to stop a validation, a sample grid or (a second signal) anything."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -77,9 +84,13 @@ def md5(path):
     return h.hexdigest()
 
 
-def load_cifar10(data_dir):
+def load_cifar10(data_dir, explicit=True):
     """The official python-version CIFAR-10: a cifar-10-batches-py folder, or its tarball
-    (checked against its MD5 before extraction), or a download of the tarball."""
+    (checked against its MD5 before extraction), or a download of the tarball. explicit: the
+    user named data_dir, so it must exist (the default ./data is created for the download)."""
+    if explicit and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} does not exist: create it (CIFAR-10 is then downloaded into it), "
+                        f"or point it at the folder that holds cifar-10-batches-py")
     folder, tarball = data_dir / "cifar-10-batches-py", data_dir / "cifar-10-python.tar.gz"
     if not folder.is_dir():
         if not tarball.exists():
@@ -134,9 +145,13 @@ def read_idx(path):
         raise UserError(f"cannot read {path} ({e.__class__.__name__}: {e}): the file is corrupt; replace it") from None
 
 
-def load_fashion_mnist(data_dir):
+def load_fashion_mnist(data_dir, explicit=True):
     """Fashion-MNIST IDX files from --data-dir (or its fashion-mnist/ folder) or Debian's package
-    folder; 28 x 28 padded to 32 x 32, one channel."""
+    folder; 28 x 28 padded to 32 x 32, one channel. explicit: the user named data_dir, so it must
+    exist; files found in another folder are announced."""
+    if explicit and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} does not exist: point it at the folder with the Fashion-MNIST IDX "
+                        f"files, or leave --data-dir out to read Debian's package folder {DEBIAN_FASHION_DIR}")
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     for folder in [data_dir, data_dir / "fashion-mnist", *map(Path, FASHION_DIRS)]:
         paths = [next((p for p in (folder / (n + ".gz"), folder / n) if p.exists()), None) for n in names]
@@ -145,6 +160,8 @@ def load_fashion_mnist(data_dir):
     else:
         raise UserError(f"Fashion-MNIST not found: put {', '.join(n + '.gz' for n in names)} into {data_dir}/, "
                         f"or install Debian's package: apt-get install dataset-fashion-mnist")
+    if folder != data_dir:
+        print(f"reading Fashion-MNIST from {folder}")
     train_x, train_y, val_x, val_y = (read_idx(p) for p in paths)
     if len(train_x) != len(train_y) or len(val_x) != len(val_y) or train_x.shape[1:] != (28, 28):
         raise UserError(f"Fashion-MNIST files in {folder} do not match each other (images {train_x.shape}, "
@@ -173,7 +190,8 @@ def _decode(job):
 def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
     """An ImageNet subset ("Sub-IN") from ImageNet's train layout: one folder of images per
     class. Classes: the first num_classes in sorted order, or those listed in class_list.
-    Every 50th image of a class (sorted by name) is held out. Decoded once, then cached."""
+    Every 50th image of a class (sorted by name) is held out, and the last one of a class with 2 to
+    49 images. Decoded once, then cached."""
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} does not exist: point it at ImageNet's train folder (one subfolder per class)")
     folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
@@ -191,7 +209,12 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
             raise UserError(f"no class folders in {data_dir}: --data-dir must be ImageNet's train folder (one subfolder per class)")
         classes = folders[:num_classes]
     files = {c: sorted(p for p in (data_dir / c).iterdir() if p.suffix in IMAGE_SUFFIXES) for c in classes}
-    key = hashlib.md5(json.dumps([str(data_dir.resolve()), classes, image_size, {c: len(f) for c, f in files.items()}]).encode()).hexdigest()[:12]
+    empty = [c for c in classes if not files[c]]
+    if empty:
+        raise UserError(f"class folder {data_dir / empty[0]} has no images ({len(empty)} such folders): remove them, "
+                        f"or pick classes with --class-list")
+    split = "held out: every 50th, or the last of a class with 2 to 49"  # in the key: another rule, another cache
+    key = hashlib.md5(json.dumps([str(data_dir.resolve()), classes, image_size, {c: len(f) for c, f in files.items()}, split]).encode()).hexdigest()[:12]
     cache = cache_dir / f"subin-{len(classes)}cls-{image_size}px-{key}.npz"
     if cache.exists():
         z = np.load(cache)
@@ -199,7 +222,8 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
     else:
         jobs = [(str(p), image_size) for c in classes for p in files[c]]
         labels = np.array([i for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
-        held = np.array([j % 50 == 49 for c in classes for j in range(len(files[c]))], dtype=bool)
+        held = np.array([j % 50 == 49 or (2 <= len(files[c]) < 50 and j == len(files[c]) - 1)
+                         for c in classes for j in range(len(files[c]))], dtype=bool)
         import multiprocessing
         with multiprocessing.Pool(min(16, os.cpu_count() or 1)) as pool:
             images = list(tqdm(pool.imap(_decode, jobs, chunksize=32), total=len(jobs), desc="decoding Sub-IN"))
@@ -210,6 +234,10 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
             raise UserError(f"no readable images in the {len(classes)} class folders of {data_dir}")
         x = np.stack([im for im in images if im is not None]).transpose(0, 3, 1, 2)  # (N, 3, S, S)
         labels, held = labels[ok], held[ok]
+        if not held.any() or held.all():
+            raise UserError(f"the readable images of {data_dir} leave no {'validation' if not held.any() else 'training'} "
+                            f"image (every 50th image of a class is held out, or the last of a class with 2 to 49): "
+                            f"add images or classes")
         arrays = [x[~held], labels[~held], x[held], labels[held]]
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
@@ -239,11 +267,11 @@ def make_synthetic(image_size, num_classes=10, n_train=5000, n_val=500):
 
 
 def load_data(args):
-    data_dir = Path(args.data_dir)
+    data_dir, explicit = Path(args.data_dir or DEFAULT_DATA_DIR), args.data_dir is not None
     if args.dataset == "cifar10":
-        data = load_cifar10(data_dir)
+        data = load_cifar10(data_dir, explicit)
     elif args.dataset == "fashion-mnist":
-        data = load_fashion_mnist(data_dir)
+        data = load_fashion_mnist(data_dir, explicit)
     elif args.dataset == "subin":
         data = load_subin(data_dir, args.num_classes, args.class_list, args.image_size, Path(args.cache_dir))
     else:
@@ -312,6 +340,7 @@ def validation_loss(model, objective, val_x, val_y, amp):
     model.eval()
     g = torch.Generator().manual_seed(VAL_NOISE_SEED)
     per_t = []
+    bar = tqdm(total=len(VAL_TIMES) * math.ceil(len(val_x) / 256), desc="validation", leave=False, dynamic_ncols=True)
     for tv in VAL_TIMES:
         total = 0.0
         for i in range(0, len(val_x), 256):
@@ -322,7 +351,9 @@ def validation_loss(model, objective, val_x, val_y, amp):
                 t = (t * objective.num_timesteps).long().clamp(max=objective.num_timesteps - 1)
             with amp():
                 total += objective.losses(model, x0, val_y[i:i + 256], t, noise)[0].sum().item()
+            bar.update(1)
         per_t.append(total / len(val_x))
+    bar.close()
     model.train()
     return sum(per_t) / len(per_t), per_t
 
@@ -344,7 +375,8 @@ def sample_grid(model, objective, classes, channels, size, device, path, cfg_sca
     y = torch.tensor([c for c in rows for _ in range(per_class)], device=device)
     with amp():
         x = objective.sample(model, (len(y), channels, size, size), y, steps=steps, cfg_scale=cfg_scale,
-                             generator=torch.Generator().manual_seed(0), sampler=sampler)
+                             generator=torch.Generator().manual_seed(0), sampler=sampler,
+                             progress=lambda it: tqdm(it, desc=f"sampling {path.name}", leave=False, dynamic_ncols=True))
     img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()            # (R*K, c, S, S)
     img = img.view(len(rows), per_class, channels, size, size).permute(0, 3, 1, 4, 2)    # (R, S, K, S, c)
     img = img.reshape(len(rows) * size, per_class * size, channels).numpy()
@@ -391,6 +423,8 @@ def save_checkpoint(path, model, ema, opt, step, args, classes):
 
 
 def load_checkpoint(path):
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                              # truncated, not a checkpoint, or pickled objects
@@ -442,8 +476,10 @@ def train(args):
     main = rank == 0
     out = Path(args.out_dir)
     ckpt_path, log_path = out / "ckpt.pt", out / "log.jsonl"
-    if main and device.type == "cpu":
-        print(CPU_RECIPE)
+    defaults = get_parser()
+    if main and device.type == "cpu" and not args.resume and all(
+            getattr(args, k) == defaults.get_default(k) for k in ("dataset", "model", "batch_size", "steps")):
+        print(CPU_RECIPE)                                 # the GPU-sized defaults on a CPU: say what fits
     if args.resume and not ckpt_path.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt_path}; start without --resume, or point --out-dir at the run")
     if not args.resume and ckpt_path.exists():
@@ -508,16 +544,33 @@ def train(args):
               f"{len(data.train_x)} train / {len(val_x)} val images {tuple(data.train_x.shape[1:])} | "
               f"device {device} x{world} | precision {precision} | batch {args.batch_size}")
 
-    stop = []                                             # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    # Ctrl-C / SIGTERM: the first signal ends training after the current step (at once during a
+    # validation or a sample grid), writes the checkpoint, then validates; a second one stops at once
+    signals, waiting = [], [False]                        # waiting: in a validation or a sample grid
 
-    def evaluate_and_save():
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) > 1 or (waiting[0] and not ddp):
+            raise Stopped
+
+    @contextmanager
+    def interruptible():
+        waiting[0] = True
+        try:
+            yield
+        finally:
+            waiting[0] = False
+
+    def save():
+        if main:
+            save_checkpoint(ckpt_path, raw, ema, opt, step, args, data.classes)
+
+    def validate():
         if main:
             val, per_t = validation_loss(raw, objective, val_x, val_y, amp)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "val_loss": val, "val_loss_per_t": dict(zip(map(str, VAL_TIMES), per_t))}) + "\n")
-            save_checkpoint(ckpt_path, raw, ema, opt, step, args, data.classes)
+            plot_losses(log_path, out / "loss.png")
             bar.write(f"step {step}: val loss {val:.4f}, checkpoint {ckpt_path}")
         if ddp:
             dist.barrier()
@@ -532,70 +585,93 @@ def train(args):
     bar = tqdm(total=args.steps, initial=step, disable=not main, dynamic_ncols=True)
     acc_loss = torch.zeros((), device=device)
     acc_bins = torch.zeros(2, 4, device=device, dtype=torch.float64)   # per-t-bin sums and counts
-    n_acc, t_last, images = 0, time.perf_counter(), 0
+    n_acc, n_skipped, skipped_in_a_row, t_last, images = 0, 0, 0, time.perf_counter(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    while step < args.steps:
-        lr = get_lr(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x0, y = batches.get(step)
-        stats = D.training_step(model, objective, opt, x0, y, grad_clip=args.grad_clip, amp_dtype=amp_dtype)
-        # choice: EMA decay ramps up as (1 + step) / (10 + step) until --ema-decay, so short runs sample from a useful EMA
-        D.update_ema(ema, raw, decay=min(args.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        images += args.batch_size
-        acc_loss += stats["loss"]
-        bins = (stats["t"].float() * 4).long().clamp(0, 3)
-        acc_bins[0].index_add_(0, bins, stats["losses"].double())
-        acc_bins[1].index_add_(0, bins, torch.ones_like(stats["losses"], dtype=torch.float64))
-        n_acc += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            loss = acc_loss.item() / n_acc
-            if not math.isfinite(loss):
-                raise UserError(f"the loss became {loss} at step {step}; the last good checkpoint is {ckpt_path} "
-                                f"(try a lower --lr or --precision fp32)")
-            dt = time.perf_counter() - t_last
-            sums, counts = acc_bins.tolist()
-            mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-            record = {"step": step, "loss": loss, "loss_per_t_bin": [s / c if c else None for s, c in zip(sums, counts)],
-                      "img_per_s": images / dt, "peak_mem_gb": mem, "lr": lr, "grad_norm": stats["grad_norm"].item()}
-            if main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}", lr=f"{lr:.1e}")
-            acc_loss.zero_()
-            acc_bins.zero_()
-            n_acc, images = 0, 0
-            t_last = time.perf_counter()
-        if ddp:                                           # every rank stops at the same step
-            flag = torch.tensor(float(bool(stop)), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not stop:
-                stop.append(signal.SIGTERM)
-        if stop:
-            break
-        if step % args.eval_every == 0 and step < args.steps:
-            evaluate_and_save()
-            t_last = time.perf_counter()
-        if step % args.sample_every == 0 and step < args.steps:
-            draw(f"samples_{step:07d}.png")
-            t_last = time.perf_counter()
-    bar.close()
-    evaluate_and_save()
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # the work is saved: Ctrl-C may stop the final grid
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if stop:
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            while step < args.steps:
+                lr = get_lr(step, args)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x0, y = batches.get(step)
+                stats = D.training_step(model, objective, opt, x0, y, grad_clip=args.grad_clip, amp_dtype=amp_dtype)
+                # choice: EMA decay ramps up as (1 + step) / (10 + step) until --ema-decay, so short runs sample from a useful EMA
+                D.update_ema(ema, raw, decay=min(args.ema_decay, (1 + step) / (10 + step)))
+                step += 1
+                images += args.batch_size
+                bar.update(1)
+                if stats["skipped"]:                          # a non-finite loss or gradient: no update was made
+                    n_skipped, skipped_in_a_row = n_skipped + 1, skipped_in_a_row + 1
+                    if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                        raise UserError(f"the loss or gradient was not finite for {skipped_in_a_row} steps in a row (up to step "
+                                        f"{step}), so no update was made; the last checkpoint {ckpt_path} holds good weights "
+                                        f"(try a lower --lr or --precision fp32)")
+                else:
+                    skipped_in_a_row = 0
+                    acc_loss += stats["loss"]
+                    bins = (stats["t"].float() * 4).long().clamp(0, 3)
+                    acc_bins[0].index_add_(0, bins, stats["losses"].double())
+                    acc_bins[1].index_add_(0, bins, torch.ones_like(stats["losses"], dtype=torch.float64))
+                    n_acc += 1
+                if step % args.log_every == 0 or step == args.steps:
+                    loss = acc_loss.item() / n_acc if n_acc else None
+                    dt = time.perf_counter() - t_last
+                    sums, counts = acc_bins.tolist()
+                    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+                    record = {"step": step, "loss": loss, "loss_per_t_bin": [s / c if c else None for s, c in zip(sums, counts)],
+                              "img_per_s": images / dt, "peak_mem_gb": mem, "lr": lr, "grad_norm": stats["grad_norm"].item(),
+                              "skipped_steps": n_skipped}
+                    if main:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", img_s=f"{images / dt:.0f}", lr=f"{lr:.1e}")
+                    acc_loss.zero_()
+                    acc_bins.zero_()
+                    n_acc, n_skipped, images = 0, 0, 0
+                    t_last = time.perf_counter()
+                if ddp:                                       # every rank stops at the same step
+                    flag = torch.tensor(float(bool(signals)), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item() and not signals:
+                        signals.append(signal.SIGTERM)
+                if signals:
+                    break
+                with interruptible():
+                    if step % args.eval_every == 0 and step < args.steps:
+                        save()                                # first: a signal during the validation loses nothing
+                        validate()
+                    if step % args.sample_every == 0 and step < args.steps:
+                        draw(f"samples_{step:07d}.png")
+                t_last = time.perf_counter()
+        except Stopped:
+            pass
+        bar.close()
+        try:
+            if len(signals) < 2:                              # a second signal: stop now, the last checkpoint stays
+                save()
+                if signals and main:
+                    print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; validating "
+                          f"(press Ctrl-C again to skip)", flush=True)
+                with interruptible():
+                    validate()
+                    if not signals:
+                        draw("samples_final.png")
+        except Stopped:
+            pass
+    finally:
+        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signals:
         if main:
-            print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; continue with the same flags and --resume")
-        code = 128 + stop[0]
+            print(f"stopped at step {step}: the checkpoint is {ckpt_path}; continue with the same flags and --resume", flush=True)
+        code = 128 + signals[0]
     else:
-        draw("samples_final.png")
         if main:
-            plot_losses(log_path, out / "loss.png")
             print(f"done: {step} steps; samples in {out / 'samples_final.png'}, curves in {out / 'loss.png'}, log in {log_path}")
         code = 0
     if ddp:
@@ -618,6 +694,7 @@ def sample_from(args):
     except RuntimeError:
         raise UserError(f"{path}: the weights do not fit the model its args describe; the checkpoint is damaged") from None
     amp, _, _ = precision_context(args, device)
+    check_sampler(args.sampler, old.objective)
     sampler = args.sampler or ("euler" if old.objective == "flow" else "ddim")
     target = Path(args.grid) if args.grid else path.with_name(f"grid_{path.stem}_cfg{args.cfg_scale:g}.png")
     sample_grid(model, build_objective(old), ckpt["classes"], channels, old.image_size, device, target,
@@ -628,12 +705,13 @@ def sample_from(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train DyDi-LiT / LiT / DiT class-conditionally on a small dataset.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=["cifar10", "subin", "fashion-mnist", "synthetic"],
                    help="cifar10: downloaded or found in --data-dir; subin: ImageNet class folders in --data-dir; "
                         "fashion-mnist: IDX files in --data-dir or Debian's package; synthetic: procedural, no files")
-    g.add_argument("--data-dir", default="./data", help="where datasets are found (subin: ImageNet's train folder)")
+    g.add_argument("--data-dir", default=None, help="where datasets are found (subin: ImageNet's train folder); default "
+                   f"{DEFAULT_DATA_DIR}, and for fashion-mnist also Debian's package folder {DEBIAN_FASHION_DIR}")
     g.add_argument("--image-size", type=int, default=32, help="image side in pixels (cifar10 and fashion-mnist: 32)")
     g.add_argument("--num-classes", type=int, default=100, help="subin: use the first K class folders in sorted order")
     g.add_argument("--class-list", default=None, help="subin: a file with one class folder name per line (overrides --num-classes)")
@@ -675,13 +753,38 @@ def get_parser():
     return p
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless it has none (None, off) or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_sampler(sampler, objective):
+    if sampler in ("euler", "heun") and objective == "ddpm" or sampler in ("ancestral", "ddim") and objective == "flow":
+        raise UserError(f"--sampler {sampler} does not belong to the objective {objective}: "
+                        f"flow takes euler or heun, ddpm takes ancestral or ddim")
+
+
 def check_args(args):
-    for name in ("steps", "batch_size", "log_every", "eval_every", "sample_every", "sample_steps", "val_size", "image_size"):
+    """Bad flag values, one line each (with --sample-from, only the flags it uses)."""
+    if args.sample_steps < 1:
+        raise UserError(f"--sample-steps must be >= 1, got {args.sample_steps}")
+    if args.sample_from:
+        return
+    for name in ("steps", "batch_size", "log_every", "eval_every", "sample_every", "val_size", "image_size", "num_classes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.sampler in ("euler", "heun") and args.objective == "ddpm" or args.sampler in ("ancestral", "ddim") and args.objective == "flow":
-        raise UserError(f"--sampler {args.sampler} does not belong to --objective {args.objective}: "
-                        f"flow takes euler or heun, ddpm takes ancestral or ddim")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be a positive learning rate, e.g. 3e-4; got {args.lr}")
+    for name in ("warmup", "grad_clip"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.ema_decay <= 1:
+        raise UserError(f"--ema-decay must lie in [0, 1], e.g. 0.9999; got {args.ema_decay}")
+    check_sampler(args.sampler, args.objective)
     if args.dataset in ("cifar10", "fashion-mnist") and args.image_size != 32:
         raise UserError(f"--image-size {args.image_size} does not match {args.dataset}'s 32 x 32 images: use --image-size 32")
     patch = int(args.model.split("/")[1])
@@ -693,9 +796,9 @@ def check_args(args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
+        check_args(args)
         if args.sample_from:
             return sample_from(args)
-        check_args(args)
         return train(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,8 +5,8 @@ See why linear attention over-smooths and how DyDiLA sharpens it.
     python visualize.py --ckpt runs/dit/ckpt.pt runs/lit/ckpt.pt runs/dydi/ckpt.pt --layer 3 --t 0.2 0.5 0.8
     python visualize.py --scaling                        # time and memory against the number of tokens
 
-Writes into --out (default ./viz): attention_maps.png, attention_smoothness.png, router_maps.png
-(and dydila_parts.png with --ckpt), or scaling.csv and scaling.png with --scaling.
+Writes into --out-dir (default ./viz): attention_maps.png, attention_smoothness.png, router_maps.png
+(and dydila_parts_<run>.png per DyDiLA run with --ckpt), or scaling.csv and scaling.png with --scaling.
 
 Smoothness of one attention row a (a distribution over the N keys):
   normalised entropy  H(a) / log N   1 = uniform, the over-smoothed limit; 0 = all weight on one key
@@ -69,17 +69,39 @@ def summarise(A):
 # ----------------------------------------------------------------------------------------
 
 def find_image(data_dir, index):
-    """(image (c, S, S) in [-1, 1], source name): CIFAR-10 or Fashion-MNIST if present, else synthetic."""
-    data, name = None, None
-    if (data_dir / "cifar-10-batches-py").is_dir():
-        data, name = T.load_cifar10(data_dir), "CIFAR-10 test"
+    """(image (c, S, S) in [-1, 1], source name): CIFAR-10 or Fashion-MNIST if present, else synthetic.
+    data_dir: --data-dir as given (None: ./data, and Debian's Fashion-MNIST folder)."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise T.UserError(f"--data-dir {data_dir} does not exist: point it at a folder with CIFAR-10 or Fashion-MNIST, "
+                          f"or leave it out (a synthetic image is used when none is found)")
+    folder = Path(data_dir or T.DEFAULT_DATA_DIR)
+    if (folder / "cifar-10-batches-py").is_dir():
+        data, name = T.load_cifar10(folder), "CIFAR-10 test"
     else:
         try:
-            data, name = T.load_fashion_mnist(data_dir), "Fashion-MNIST test"
+            data, name = T.load_fashion_mnist(folder, explicit=False), "Fashion-MNIST test"
         except T.UserError:
+            print(f"no CIFAR-10 or Fashion-MNIST in {folder} or {T.DEBIAN_FASHION_DIR}: using a synthetic image")
             data, name = T.make_synthetic(32), "synthetic"
-    i = index % len(data.val_x)
+    i = held_out_index(index, data, name)
     return data.val_x[i].float() / 127.5 - 1, f"{name} image {i} ({data.classes[int(data.val_y[i])]})"
+
+
+def run_data(a, data_dir):
+    """The data of a train_tiny run (its args a): from --data-dir if given, else where the run read
+    it if that folder still exists, else the default places."""
+    a = argparse.Namespace(**vars(a))
+    if data_dir is not None:
+        a.data_dir = data_dir
+    elif a.data_dir is not None and not Path(a.data_dir).is_dir():
+        a.data_dir = None
+    return T.load_data(a)
+
+
+def held_out_index(index, data, name):
+    if not 0 <= index < len(data.val_x):
+        raise T.UserError(f"--index {index} is out of range: the {name} held-out set has images 0..{len(data.val_x) - 1}")
+    return index
 
 
 def image_tokens(img, width, patch=2, seed=0):
@@ -110,8 +132,8 @@ def show_image(ax, img, queries, patch, title):
     ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
     for k, (r, c) in enumerate(queries):
         ax.add_patch(Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False, color=f"C{k}", lw=2))
-        ax.text(c * patch + patch + 0.5, r * patch - 0.5, str(k + 1), color=f"C{k}", fontsize=8, weight="bold")
-    ax.set_title(title, fontsize=8)
+        ax.text(c * patch + patch + 0.5, r * patch - 0.5, str(k + 1), color=f"C{k}", fontsize=10, weight="bold")
+    ax.set_title(title, fontsize=10)
     ax.axis("off")
 
 
@@ -125,7 +147,7 @@ def attention_maps_figure(path, img, patch, queries, rows, hw, head, title):
     for i, (label, A) in enumerate(rows):
         show_image(axes[i, 0], img, queries, patch, "queries" if i == 0 else "")
         axes[i, 0].text(-0.08, 0.5, label.replace(": ", "\n"), transform=axes[i, 0].transAxes, rotation=90,
-                        va="center", ha="right", fontsize=8)
+                        va="center", ha="right", fontsize=10)
         maps = [A[0, head, r * hw[1] + c].reshape(hw).float() for r, c in queries]
         vmax = max(m.max().item() for m in maps)
         for k, ((r, c), m) in enumerate(zip(queries, maps)):
@@ -133,10 +155,10 @@ def attention_maps_figure(path, img, patch, queries, rows, hw, head, title):
             im = ax.imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax)
             ax.plot(c, r, marker="s", mfc="none", mec=f"C{k}", ms=6, mew=1.5)
             ent = row_entropy(m.flatten()[None]).item()
-            ax.set_title(f"query {k + 1}: H/logN {ent:.2f}", fontsize=8)
+            ax.set_title(f"query {k + 1}: H/logN {ent:.2f}", fontsize=10)
             ax.axis("off")
         fig.colorbar(im, ax=axes[i, -1], fraction=0.046, pad=0.04)
-    fig.suptitle(f"{title}: attention rows on the {hw[0]}x{hw[1]} token grid (head {head}); one colour scale per row", fontsize=10)
+    fig.suptitle(f"{title}: attention rows on the {hw[0]}x{hw[1]} token grid (head {head}); one colour scale per row", fontsize=12)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -177,8 +199,7 @@ def print_table(results):
               f"{s['zero_rows']:>4}/{s['rows']}")
 
 
-ROUTERS = {"proj_q": "projector for Q'", "proj_k": "projector for K'", "kernel_q": "exponent g, queries",
-           "kernel_k": "exponent g, keys", "lambda_q": "λ, queries", "lambda_k": "λ, keys"}
+ROUTERS = {"proj": "projector", "kernel": "exponent g", "lambda": "λ"}   # the three designs' routers, per side
 
 
 def router_values(attn):
@@ -193,45 +214,49 @@ def router_values(attn):
 
 
 def router_figure(path, img, patch, entries):
-    """entries: list of (title, DyDiLA module, its input tokens x (1, N, C), hw), one row each:
-    every router's choice per token on the token grid: the projector (one colour each), the chosen
-    exponent g and the chosen lambda (a colour scale over the bank's values). A static design's
-    panel is blank. Prints a warning for a collapsed router (> 95% of tokens on one choice)."""
+    """entries: list of (title, DyDiLA module, its input tokens x (1, N, C), hw). Per entry two rows
+    (queries, keys) of each router's choice per token on the token grid: the projector (one
+    colour each), the chosen exponent g and the chosen lambda (a colour scale over the bank's
+    values). A static design's panel says so. Prints a warning for a collapsed router (> 95% of
+    the tokens on one choice)."""
     plt = T.pyplot()
     from matplotlib.colors import BoundaryNorm, ListedColormap
-    fig, axes = plt.subplots(len(entries), 1 + len(ROUTERS), figsize=(2.4 * (1 + len(ROUTERS)), 2.7 * len(entries)),
-                             squeeze=False)
+    fig, axes = plt.subplots(2 * len(entries), 1 + len(ROUTERS), figsize=(3.0 * (1 + len(ROUTERS)), 2.9 * 2 * len(entries)),
+                             squeeze=False, layout="constrained")
     for i, (title, attn, x, hw) in enumerate(entries):
-        show_image(axes[i, 0], img, [], patch, "")
-        axes[i, 0].set_title(title, fontsize=9)
         routing, values = attn.routing(x), router_values(attn)
-        for j, (key, name) in enumerate(ROUTERS.items()):
-            ax = axes[i, j + 1]
-            ax.axis("off")
-            if key not in routing:
-                ax.set_title(f"{name}\n(static)", fontsize=9)
-                continue
-            choice = routing[key][0]                                    # (N,)
-            share = torch.bincount(choice, minlength=len(values[key])).max().item() / choice.numel()
-            if share > 0.95:
-                print(f"warning: {title}: router '{key}' sends {100 * share:.0f}% of tokens to one choice (collapsed)")
-            ax.set_title(f"{name}\n(top choice: {100 * share:.0f}% of tokens)", fontsize=9)
-            if key.startswith("proj"):                                  # categories: one colour per projector
-                n = len(values[key])
-                cmap = ListedColormap([f"C{k}" for k in range(n)])
-                im = ax.imshow(choice.view(hw).numpy(), cmap=cmap, norm=BoundaryNorm(np.arange(-0.5, n), n),
-                               interpolation="nearest")
-                bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, ticks=range(n))
-                bar.ax.set_yticklabels([f"W^{k + 1}" for k in range(n)], fontsize=8)
-            else:                                                       # the chosen value per token
-                v = values[key]
-                im = ax.imshow(v[choice].view(hw).numpy(), cmap="viridis", vmin=v.min().item(),
-                               vmax=max(v.max().item(), v.min().item() + 1e-6), interpolation="nearest")
-                bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-                bar.ax.tick_params(labelsize=8)
-            bar.set_label({"proj": "projector", "kernel": "exponent g", "lambda": "λ"}[key.split("_")[0]], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+        for side, row in (("q", 2 * i), ("k", 2 * i + 1)):
+            ax = axes[row, 0]
+            if side == "q":
+                show_image(ax, img, [], patch, title)
+            else:
+                ax.axis("off")
+            for j, (design, name) in enumerate(ROUTERS.items()):
+                key, ax = f"{design}_{side}", axes[row, j + 1]
+                ax.axis("off")
+                heading = f"{name}, {'queries' if side == 'q' else 'keys'}"
+                if key not in routing:
+                    ax.set_title(f"{heading}\n(static: no router)", fontsize=10)
+                    continue
+                choice = routing[key][0]                                # (N,)
+                share = torch.bincount(choice, minlength=len(values[key])).max().item() / choice.numel()
+                if share > 0.95:
+                    print(f"warning: {title}: router '{key}' sends {100 * share:.0f}% of tokens to one choice (collapsed)")
+                ax.set_title(f"{heading}\n(top choice: {100 * share:.0f}% of tokens)", fontsize=10)
+                if design == "proj":                                    # categories: one colour per projector
+                    n = len(values[key])
+                    im = ax.imshow(choice.view(hw).numpy(), cmap=ListedColormap([f"C{k}" for k in range(n)]),
+                                   norm=BoundaryNorm(np.arange(-0.5, n), n), interpolation="nearest")
+                    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, ticks=range(n))
+                    bar.ax.set_yticklabels([f"W^{k + 1}" for k in range(n)], fontsize=9)
+                else:                                                   # the chosen value per token
+                    v = values[key]
+                    im = ax.imshow(v[choice].view(hw).numpy(), cmap="viridis", vmin=v.min().item(),
+                                   vmax=max(v.max().item(), v.min().item() + 1e-6), interpolation="nearest")
+                    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+                    bar.ax.tick_params(labelsize=9)
+                bar.set_label(name, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -241,7 +266,7 @@ def router_figure(path, img, patch, entries):
 
 def untrained(args, out):
     """The three mechanisms, same width, same seed (so the same Q and K), on one image's tokens."""
-    img, source = find_image(Path(args.data_dir), args.index)
+    img, source = find_image(args.data_dir, args.index)
     x, hw = image_tokens(img, args.width, seed=args.seed)
     queries = scaled_queries(hw)
     results, modules = [], {}
@@ -293,10 +318,10 @@ def from_checkpoints(args, out):
     runs = [(p, *load_run(p)) for p in args.ckpt]
     first = runs[0][3]
     try:
-        data = T.load_data(first)
+        data = run_data(first, args.data_dir)
     except T.UserError as e:
         raise T.UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
-    i = args.index % len(data.val_x)
+    i = held_out_index(args.index, data, first.dataset)
     img = data.val_x[i].float() / 127.5 - 1
     x0, y = img[None], data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
@@ -318,7 +343,7 @@ def from_checkpoints(args, out):
                 maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
                 if isinstance(attn, D.DyDiLA):
                     routers.append((f"{name} t={t:g}", attn, x, hw))
-                    parts.append((f"{name} t={t:g}", attn.attention_parts(x, hw)))
+                    parts.append((Path(path).parent.name, t, attn.attention_parts(x, hw)))
     patch = first.image_size // hw[0]
     queries = scaled_queries(hw)
     print(f"{len(runs)} checkpoint(s), layer {args.layer}, t = {args.t}, on {first.dataset} validation image {i} "
@@ -330,9 +355,12 @@ def from_checkpoints(args, out):
     print_table(maps)
     if routers:
         router_figure(out / "router_maps.png", img, patch, routers)
-        part_rows = [(f"{label}: {part}", A) for label, p in parts for part, A in p.items()]
-        attention_maps_figure(out / "dydila_parts.png", img, patch, queries, part_rows, hw, args.head, f"DyDiLA's parts, layer {args.layer}")
-        written += ["router_maps.png", "dydila_parts.png"]
+        written.append("router_maps.png")
+        for run in dict.fromkeys(run for run, _, _ in parts):          # one figure per DyDiLA run
+            rows = [(f"t={t:g}: {part}", A) for r, t, p in parts if r == run for part, A in p.items()]
+            name = f"dydila_parts_{run}.png"
+            attention_maps_figure(out / name, img, patch, queries, rows, hw, args.head, f"{run}: DyDiLA's parts, layer {args.layer}")
+            written.append(name)
     return written
 
 
@@ -366,8 +394,8 @@ def ablation(args, out):
     reached = [{r["step"] for r in rec if "val_loss" in r} for runs in rows.values() for *_, rec in runs]
     val_step = max(set.intersection(*reached), default=None)
     first = next(iter(rows.values()))[0][0]
-    data = T.load_data(first)
-    i = args.index % len(data.val_x)
+    data = run_data(first, args.data_dir)
+    i = held_out_index(args.index, data, first.dataset)
     x0, y = data.val_x[i:i + 1].float() / 127.5 - 1, data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     table = []
@@ -559,6 +587,7 @@ def scaling(args, out):
         w.writerows(rows)
     cross = next((r["tokens"] for r in rows if r.get("linear_ms", math.inf) < r.get("softmax_ms", -1)), None)
     plt = T.pyplot()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, kind in enumerate(MECHANISMS):
         pts = [(r["tokens"], r[f"{kind}_ms"], r[f"{kind}_mem_mib"]) for r in rows if f"{kind}_ms" in r]
@@ -569,6 +598,11 @@ def scaling(args, out):
     for ax, ylabel in ((a1, "forward+backward time (ms)"),
                        (a2, "peak memory (MiB)" if device.type == "cuda" else "activations saved for backward (MiB)")):
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=ylabel)
+        ax.set_xticks([r["tokens"] for r in rows], [f"{r['tokens'] // 1024}k" if r["tokens"] >= 1024 else str(r["tokens"])
+                                                     for r in rows])
+        for axis in (ax.xaxis, ax.yaxis):                               # label the measured sizes and decades only
+            axis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(alpha=0.3, which="both")
         if cross:
             ax.axvline(cross, color="gray", ls="--", lw=1)
@@ -596,9 +630,10 @@ def scaling(args, out):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Attention maps, smoothness, router maps and scaling for softmax, linear and DyDiLA.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="viz", help="folder for the PNGs (and CSV)")
-    p.add_argument("--data-dir", default="./data", help="where a CIFAR-10 or Fashion-MNIST image is looked for")
+                                formatter_class=T.HelpFormatter)
+    p.add_argument("--out-dir", default="viz", help="folder for the PNGs (and CSV)")
+    p.add_argument("--data-dir", default=None, help="where a CIFAR-10 or Fashion-MNIST image is looked for, also for --ckpt runs (default: "
+                   f"{T.DEFAULT_DATA_DIR} and Debian's {T.DEBIAN_FASHION_DIR}; else a synthetic image)")
     p.add_argument("--index", type=int, default=0, help="which held-out image to use")
     p.add_argument("--head", type=int, default=0, help="the head whose attention maps are drawn (numbers use all heads)")
     p.add_argument("--width", type=int, default=192, help="channels of the untrained modules and of --scaling")
@@ -621,7 +656,7 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     try:
         if args.heads < 1 or args.width % args.heads:
             raise T.UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
@@ -636,6 +671,9 @@ def main(argv=None):
             raise T.UserError("--ablation draws train_tiny.py runs: give their checkpoints with --ckpt runs/*/ckpt.pt")
         if args.scaling:
             args.max_tokens = args.max_tokens or (262_144 if torch.cuda.is_available() else 16_384)
+            if args.max_tokens < 256:
+                raise T.UserError(f"--max-tokens {args.max_tokens} is below the smallest size timed, 256 tokens: "
+                                  f"give 256 or more")
             written = scaling(args, out)
         elif args.ckpt:
             if args.layer is None:
