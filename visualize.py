@@ -175,14 +175,17 @@ def smoothness_figure(path, results, title):
         clean = [v[~torch.isnan(v)].numpy() for v in vals]
         lo, hi = min(np.percentile(c, 0.5) for c in clean), max(np.percentile(c, 99.5) for c in clean)
         lo, hi = max(0.0, lo - 0.1 * (hi - lo)), min(1.0, hi + 0.1 * (hi - lo))
-        for i, (label, c) in enumerate(zip(labels, clean)):
-            ax.hist(c, bins=60, range=(lo, hi), density=True, histtype="step", lw=2, color=f"C{i}",
-                    label=f"{label}: mean {c.mean():.3f}")
+        groups = list(dict.fromkeys(label.split(" t=")[0] for label in labels))   # one colour per model, a dash per t
+        for label, c in zip(labels, clean):
+            group = label.split(" t=")[0]
+            dash = ["-", "--", ":", "-."][sum(1 for l in labels[:labels.index(label)] if l.split(" t=")[0] == group) % 4]
+            ax.hist(c, bins=60, range=(lo, hi), density=True, histtype="step", lw=2, ls=dash,
+                    color=f"C{groups.index(group)}", label=f"{label}: mean {c.mean():.3f}")
         ax.set_xlim(lo, hi)
-        ax.set_title(heading, fontsize=9)
+        ax.set_title(heading, fontsize=10)
         ax.set_ylabel("density of rows")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     fig.suptitle(f"{title}: every row of every head", fontsize=10)
     if a2.get_xlim()[0] <= 0.05:
         a2.axvline(0.05, color="gray", ls=":", lw=1)
@@ -432,7 +435,7 @@ def ablation(args, out):
     a1.title.set_fontsize(9)
     a1.legend(fontsize=8)
     a1.grid(alpha=0.3)
-    a2.set_xticks(range(len(rows)), list(rows), fontsize=7, rotation=20, ha="right")
+    a2.set_xticks(range(len(rows)), list(rows), fontsize=9, rotation=20, ha="right")
     a2.set(ylabel="mean row entropy / log N", title=f"attention entropy, layer {args.layer} (dash: mean)")
     a2.title.set_fontsize(9)
     a2.legend(fontsize=8, title="noise level", title_fontsize=8)
