@@ -1,12 +1,23 @@
-"""Tests for dydilit.py (equivalence with explicit N x N paths, routing, precision, model,
-objectives, learning, clear errors), train_tiny.py (loaders on fabricated files in the real
-formats, runs, exact resume, DDP, errors) and visualize.py (metrics, every mode).
-CPU only, offline; run with `python -m pytest -q`."""
+"""Tests: first the library, dydilit.py (the O(N) paths equal the explicit N x N ones, routing
+follows the equations, precision, the model, objectives, learning, clear errors); then the
+scripts: train_tiny.py (the real loaders on fabricated files, runs, signals, exact resume, DDP,
+errors), visualize.py and tools/ (metrics, every figure). CPU only, offline: `python -m pytest -q`."""
 
 import copy
 import csv
+import gzip
 import itertools
+import json
 import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +26,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import dydilit as D
+import train_tiny as T
+import visualize as V
+from tools import ablation, bench
 
 HW = (6, 10)                    # a non-square token grid
 
@@ -596,22 +610,6 @@ def test_training_step_skips_a_non_finite_update():
 # train_tiny.py: data loaders on fabricated files, runs, resume, DDP, errors
 # =======================================================================================
 
-import gzip
-import io
-import json
-import os
-import pickle
-import signal
-import socket
-import subprocess
-import sys
-import tarfile
-import time
-from pathlib import Path
-
-
-import train_tiny as T
-
 ROOT = Path(__file__).resolve().parent
 TINY = ["--dataset", "synthetic", "--model", "DyDiLiT-T/4", "--image-size", "16", "--batch-size", "8",
         "--val-size", "16", "--sample-steps", "2", "--log-every", "2"]
@@ -969,10 +967,11 @@ def test_long_waits_show_progress_and_help_shows_real_defaults(tmp_path, capsys)
     assert "validation" in err and "sampling samples_final.png" in err
     assert T.main(["--sample-from", str(out / "ckpt.pt"), "--grid", str(tmp_path / "g.png"), "--sample-steps", "2"]) == 0
     assert "sampling g.png" in capsys.readouterr().err
-    for parser in (T.get_parser(), V.get_parser()):
+    for parser in (T.get_parser(), V.get_parser(), bench.get_parser(), ablation.get_parser()):
         text = " ".join(parser.format_help().split())          # unwrapped
         assert "(default: None)" not in text and "(default: False)" not in text
         assert "default: the middle) (default" not in text and "default 16384 on CPU, 262144 on CUDA) (default" not in text
+        assert "(default: None)" not in text
         assert "--out-dir" in text and "--out " not in text
     assert "(default: 0.0003)" in " ".join(T.get_parser().format_help().split())
 
@@ -1018,10 +1017,8 @@ def test_unknown_dataset_is_rejected_by_the_parser(tmp_path):
 
 
 # =======================================================================================
-# visualize.py: metrics with known answers, and each mode writes its figures
+# visualize.py, tools/bench.py, tools/ablation.py: metrics with known answers, every figure
 # =======================================================================================
-
-import visualize as V
 
 
 def test_smoothness_metrics_known_answers():
@@ -1069,12 +1066,12 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", *runs, "--layer", "9"]) == 2
     assert "--layer 9 is out of range: " in capsys.readouterr().err
 
-    # --ablation: the runs grouped into rows, seeds of one configuration together
+    # tools/ablation.py: the runs grouped into rows, seeds of one configuration together
     # (a second seed that ran longer: every row is compared at the last validation step all runs reached)
     s1 = tmp_path / "dydila_s1"
     assert T.main([*TINY, "--seed", "1", "--steps", "4", "--eval-every", "2", "--sample-every", "100", "--out-dir", str(s1)]) == 0
     runs.append(str(s1 / "ckpt.pt"))
-    assert V.main(["--out-dir", str(tmp_path / "abl"), "--ckpt", *runs, "--ablation", "--t", "0.5"]) == 0
+    assert ablation.main(["--out-dir", str(tmp_path / "abl"), "--ckpt", *runs, "--t", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "all rows are compared at step 2" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
@@ -1085,31 +1082,31 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     assert len(vals) == 2 and float(vals[1]) == pytest.approx(s1_val, abs=1e-4)   # seed 1's loss at step 2, not 4
     for name in ("ablation.png", "ablation_samples.png"):
         assert (tmp_path / "abl" / name).stat().st_size > 10_000, name
-    assert V.main(["--out-dir", str(tmp_path / "abl"), "--ablation"]) == 2
-    assert "--ablation draws train_tiny.py runs" in capsys.readouterr().err
+    (tmp_path / "linear" / "log.jsonl").unlink()
+    assert ablation.main(["--out-dir", str(tmp_path / "abl"), "--ckpt", *runs]) == 2
+    assert "log.jsonl is missing: tools/ablation.py reads each run's log" in capsys.readouterr().err
 
 
-def test_visualize_scaling_writes_csv_and_plot(tmp_path):
-    assert V.main(["--out-dir", str(tmp_path), "--scaling", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]) == 0
+def test_bench_writes_csv_and_plot(tmp_path):
+    assert bench.main(["--out-dir", str(tmp_path), "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
     assert [int(r["tokens"]) for r in rows] == [256, 1024]
     assert all(float(r[f"{k}_ms"]) > 0 and float(r[f"{k}_mem_mib"]) > 0 for r in rows for k in V.MECHANISMS)
     assert all(0 < float(r["dydila_over_linear"]) < math.inf for r in rows)
     # the ratio is the median of per-round ratios, not the ratio of medians
-    assert V.paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0]) == 2.0   # ratios 2, 3, 1; the medians' ratio is 4 / 3
+    assert bench.paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0]) == 2.0   # ratios 2, 3, 1; the medians' ratio is 4 / 3
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
 
 
-def test_visualize_scaling_compiles_each_size_with_static_shapes(tmp_path, monkeypatch):
-    # Inductor (CPU, torch 2.13) crashed recompiling DyDiLA for the second size with dynamic shapes
-    # ("cannot determine truth value of Relational"); each size gets its own static graph instead.
-    # The real compile takes minutes on 2 cores, so the test records the calls and runs eager.
+def test_bench_compiles_each_size_with_static_shapes(tmp_path, monkeypatch):
+    # one static graph per size (recompiling for a new N with dynamic shapes crashed inductor on a
+    # CPU); a real compile takes minutes on 2 cores, so the test records the calls and runs eager
     calls = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
     for name in ("cache_size_limit", "accumulated_cache_size_limit"):    # --compile raises them: restore after
         monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
-    argv = ["--out-dir", str(tmp_path), "--scaling", "--compile", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]
-    assert V.main(argv) == 0
+    argv = ["--out-dir", str(tmp_path), "--compile", "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]
+    assert bench.main(argv) == 0
     assert [int(r["tokens"]) for r in csv.DictReader(open(tmp_path / "scaling.csv"))] == [256, 1024]
     assert calls == [{"dynamic": False}] * 2 * len(V.MECHANISMS)
 
@@ -1118,16 +1115,18 @@ def test_visualize_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(T, "FASHION_DIRS", [])
     for argv, message in ((["--index", "999999"], "--index 999999 is out of range: the synthetic held-out set has images 0..499"),
                           (["--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
-                          (["--ckpt", "missing.pt"], "missing.pt: no such checkpoint file"),
-                          (["--scaling", "--max-tokens", "100"], "--max-tokens 100 is below the smallest size timed, 256")):
+                          (["--ckpt", "missing.pt"], "missing.pt: no such checkpoint file")):
         assert V.main(["--out-dir", str(tmp_path), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_visualize_scaling_options_fail_clearly(tmp_path, capsys):
-    assert V.main(["--out-dir", str(tmp_path), "--compile"]) == 2
-    assert "options of --scaling: add --scaling" in capsys.readouterr().err
+def test_bench_bad_input_is_one_line(tmp_path, capsys):
+    cases = [(["--max-tokens", "100"], "--max-tokens 100 is below the smallest size timed, 256"),
+             (["--width", "30", "--heads", "4"], "--width 30 is not divisible by --heads 4")]
     if not torch.cuda.is_available():
-        assert V.main(["--out-dir", str(tmp_path), "--scaling", "--cuda-graphs"]) == 2
-        assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
+        cases.append((["--cuda-graphs"], "--cuda-graphs needs a CUDA GPU"))
+    for argv, message in cases:
+        assert bench.main(["--out-dir", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -1,12 +1,12 @@
 """
 See why linear attention over-smooths and how DyDiLA sharpens it.
 
-    python visualize.py                                  # untrained modules on one image, CPU, < 1 minute
+    python visualize.py                                  # untrained modules on one image, CPU, about 10 s
     python visualize.py --ckpt runs/dit/ckpt.pt runs/lit/ckpt.pt runs/dydi/ckpt.pt --layer 3 --t 0.2 0.5 0.8
-    python visualize.py --scaling                        # time and memory against the number of tokens
 
 Writes into --out-dir (default ./viz): attention_maps.png, attention_smoothness.png, router_maps.png
-(and dydila_parts_<run>.png per DyDiLA run with --ckpt), or scaling.csv and scaling.png with --scaling.
+(and dydila_parts_<run>.png per DyDiLA run with --ckpt). Timing: tools/bench.py; ablation
+tables: tools/ablation.py.
 
 Smoothness of one attention row a (a distribution over the N keys):
   normalised entropy  H(a) / log N   1 = uniform, the over-smoothed limit; 0 = all weight on one key
@@ -14,13 +14,8 @@ Smoothness of one attention row a (a distribution over the N keys):
 """
 
 import argparse
-import csv
-import functools
-import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +79,7 @@ def find_image(data_dir, index):
             print(f"no CIFAR-10 or Fashion-MNIST in {folder} or {T.DEBIAN_FASHION_DIR}: using a synthetic image")
             data, name = T.make_synthetic(32), "synthetic"
     i = held_out_index(index, data, name)
-    return data.val_x[i].float() / 127.5 - 1, f"{name} image {i} ({data.classes[int(data.val_y[i])]})"
+    return T.to_float(data.val_x[i]), f"{name} image {i} ({data.classes[int(data.val_y[i])]})"
 
 
 def run_data(a, data_dir):
@@ -325,7 +320,7 @@ def from_checkpoints(args, out):
     except T.UserError as e:
         raise T.UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
     i = held_out_index(args.index, data, first.dataset)
-    img = data.val_x[i].float() / 127.5 - 1
+    img = T.to_float(data.val_x[i])
     x0, y = img[None], data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     maps, routers, parts = [], [], []
@@ -367,293 +362,20 @@ def from_checkpoints(args, out):
     return written
 
 
-def run_label(a):
-    """The ablation row a train_tiny run belongs to, from its arguments (seeds share a row)."""
-    if a.attn != "dydila":
-        return {"softmax": "DiT (softmax)", "linear": "LiT (linear)"}[a.attn]
-    off = [name for name, flag in (("dynamic projection", a.no_dynamic_projection), ("dynamic kernel", a.no_dynamic_kernel),
-                                   ("token differential", a.no_token_differential)) if flag]
-    return "DyDi-LiT" + ("".join(f", no {name}" for name in off))
-
-
-def ablation(args, out):
-    """Runs that differ in attention and seed, side by side: loss curves (mean over seeds, band =
-    min..max), validation loss, and mean normalised row entropy at one layer (at each --t), plus
-    the table. The entropy uses a held-out image and fixed noise, as --ckpt does."""
-    rows, firsts = {}, []
-    for path in args.ckpt:
-        model, objective, a = load_run(path)
-        if not 0 <= args.layer < len(model.blocks):
-            raise T.UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
-        log = Path(path).parent / "log.jsonl"
-        if not log.exists():
-            raise T.UserError(f"{log} is missing: --ablation reads each run's log next to its checkpoint")
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        if run_label(a) not in rows:
-            firsts.append((run_label(a), path))
-        rows.setdefault(run_label(a), []).append((a, model, objective, records))
-    # every row is compared at the last validation step that all runs reached (a run stopped early
-    # by Ctrl-C / SIGTERM has fewer validation points)
-    reached = [{r["step"] for r in rec if "val_loss" in r} for runs in rows.values() for *_, rec in runs]
-    val_step = max(set.intersection(*reached), default=None)
-    first = next(iter(rows.values()))[0][0]
-    data = run_data(first, args.data_dir)
-    i = held_out_index(args.index, data, first.dataset)
-    x0, y = data.val_x[i:i + 1].float() / 127.5 - 1, data.val_y[i:i + 1]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
-    table = []
-    plt = T.pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    for i, (label, runs) in enumerate(rows.items()):
-        color = f"C{i}"
-        curves = [{r["step"]: r["loss"] for r in rec if "loss" in r} for _, _, _, rec in runs]
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        losses = torch.tensor([[c[s] for s in steps] for c in curves])   # (seeds, steps)
-        a1.plot(steps, losses.mean(0), color=color, label=f"{label} ({len(runs)} seeds)")
-        a1.fill_between(steps, losses.amin(0), losses.amax(0), color=color, alpha=0.2)
-        entry = {"label": label, "val": [], "entropy": [], "img_s": []}
-        for a, model, objective, rec in runs:
-            val = [r for r in rec if "val_loss" in r]
-            a1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, mfc="none")
-            entry["val"].append(next((r["val_loss"] for r in val if r["step"] == val_step), math.nan))
-            speed = [r["img_per_s"] for r in rec if "img_per_s" in r][1:]   # the first interval includes warm-up
-            entry["img_s"].append(statistics.median(speed) if speed else math.nan)
-            ent = []
-            for t in args.t:
-                attn, x = captured_attention(model, objective, x0, y, t, args.layer, noise)
-                with torch.no_grad():
-                    ent.append(row_entropy(attn.attention_matrix(x, model.hw)).mean().item())
-            entry["entropy"].append(ent)
-        e = torch.tensor(entry["entropy"])                                  # (seeds, t)
-        for j, t in enumerate(args.t):
-            a2.plot([i + 0.12 * (j - (len(args.t) - 1) / 2)] * len(e), e[:, j], "os^dv"[j % 5], color=color, mfc="none",
-                    label=f"t = {t:g}" if i == 0 else None)
-        a2.plot(i, e.mean(), "_", color=color, ms=22, mew=2)
-        table.append(entry)
-    a1.set(xlabel="step", ylabel="training loss", yscale="log",
-           title="training loss: mean over seeds, band = min..max; o = validation loss (fixed noise)")
-    a1.title.set_fontsize(9)
-    a1.legend(fontsize=8)
-    a1.grid(alpha=0.3)
-    a2.set_xticks(range(len(rows)), list(rows), fontsize=9, rotation=20, ha="right")
-    a2.set(ylabel="mean row entropy / log N", title=f"attention entropy, layer {args.layer} (dash: mean)")
-    a2.title.set_fontsize(9)
-    a2.legend(fontsize=8, title="noise level", title_fontsize=8)
-    a2.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / "ablation.png", dpi=110)
-    plt.close(fig)
-    written = ["ablation.png"]
-    grids = [(label, Path(p).parent / "samples_final.png") for label, p in firsts]
-    if all(g.exists() for _, g in grids):                                # each row's first run's final EMA samples
-        fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.4))
-        for ax, (label, g) in zip(np.atleast_1d(axes), grids):
-            ax.imshow(plt.imread(g))
-            ax.set_title(label, fontsize=8)
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / "ablation_samples.png", dpi=110)
-        plt.close(fig)
-        written.append("ablation_samples.png")
-    seeds = max(len(e["val"]) for e in table)
-    fmt = lambda v: " / ".join("-" if math.isnan(x) else f"{x:.4f}" for x in v)
-    if val_step is None:
-        print("note: the runs share no validation step, so the table has no validation loss")
-    elif any(max(s) > val_step for s in reached):
-        print(f"note: not every run reached its last validation step; all rows are compared at step {val_step}")
-    print(f"| row | val loss at step {val_step} (per seed) | mean | spread | entropy / log N at t = {', '.join(f'{t:g}' for t in args.t)} "
-          f"(per seed) | img/s (per seed) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for e in table:
-        v = [x for x in e["val"] if not math.isnan(x)]
-        ent = " / ".join(", ".join(f"{x:.3f}" for x in s) for s in e["entropy"])
-        mean, spread = (statistics.mean(v), max(v) - min(v)) if v else (math.nan, math.nan)
-        print(f"| {e['label']} | {fmt(e['val'])} | {mean:.4f} | {spread:.4f} | {ent} | "
-              f"{' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
-    if seeds < 2:
-        print("note: one seed per row, so the spread cannot be told from noise; run each row with 2+ seeds")
-    return written
-
-
-def measure(modules, x, hw, repeats, device, graphs=False):
-    """Forward+backward seconds (median), peak memory in MiB (CUDA: allocator peak over the
-    call; CPU: bytes of the distinct tensors autograd saves for backward, the activation memory) and the per-round
-    seconds of each module on x.
-    The modules take turns, one call each per round, so that a shared machine's slow spells
-    fall on all of them alike. graphs (CUDA): time a CUDA-graph replay of the forward+backward
-    instead, the same kernels without Python, dispatcher or launch overhead: the GPU's own time."""
-    saved = {}                                                  # storage -> bytes: a tensor saved twice counts once
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def once(module):
-        x.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-        saved.clear()
-        t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x, hw).float().sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        sec = time.perf_counter() - t0
-        return sec, ((torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else sum(saved.values())) / 2**20
-
-    def capture(module):
-        """A function that replays module's forward+backward on x from a CUDA graph."""
-        xg = x.detach().clone().requires_grad_()               # its own input: the graph writes xg.grad in place
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                           # warm-up outside the graph (workspaces, autograd)
-            for _ in range(3):
-                module(xg, hw).float().sum().backward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            module(xg, hw).float().sum().backward()
-
-        def replay(_inputs=xg):                                 # keeps xg alive: the graph reads and writes its memory
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            graph.replay()
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0, None
-        return replay
-
-    memory, times, run = {}, {}, {}
-    for kind, m in modules.items():                             # warm-up: its memory counts, its time not
-        try:
-            memory[kind], times[kind] = once(m)[1], []
-            run[kind] = capture(m) if graphs else functools.partial(once, m)
-        except (torch.cuda.OutOfMemoryError, MemoryError):     # this mechanism stops here
-            times.pop(kind, None)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    rounds, start = 0, time.perf_counter()
-    while rounds < repeats or (time.perf_counter() - start < 3 and rounds < 100):  # fast points: ~3 s of rounds
-        for kind in times:
-            if rounds == 0 or times[kind][0] < 5:               # a slow point: one timed run is enough
-                times[kind].append(run[kind]()[0])
-        rounds += 1
-    return {kind: (statistics.median(times[kind]), memory[kind], times[kind]) for kind in times}
-
-
-def paired_ratio(a, b):
-    """Median over rounds of a_r / b_r: a slow spell of a shared machine hits both runs of a round."""
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
-def scaling(args, out):
-    device = T.pick_device()
-    if args.cuda_graphs and device.type != "cuda":
-        raise T.UserError("--cuda-graphs needs a CUDA GPU (it times CUDA-graph replays); drop it on this machine")
-    if args.compile:                                            # each size and mechanism compiles its own graph
-        torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
-    mode = ", torch.compile" * args.compile + ", CUDA-graph replays" * args.cuda_graphs
-    # a CUDA graph records autocast's casts, so its cast cache must be off (no difference in eager)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else T.nullcontext()
-    sides = [s for s in (16, 32, 64, 128, 256, 512) if s * s <= args.max_tokens]
-    rows, alive = [], set(MECHANISMS)
-    print(f"forward+backward, batch 1, width {args.width}, {args.heads} heads, on {device}"
-          f"{' (bf16 autocast)' if device.type == 'cuda' else ' (float32)'}{mode}; median of >= {args.repeats} interleaved rounds (more, up to ~3 s, where they are fast) after a warm-up")
-    for side in sides:
-        N, row = side * side, {"tokens": side * side}
-        x = torch.randn(1, N, args.width, device=device, requires_grad=True)
-        modules = {}
-        for kind in MECHANISMS:
-            if kind in alive:
-                torch.manual_seed(0)
-                modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).to(device)
-                if args.compile:
-                    # one static graph per size: recompiling for a new N with dynamic shapes crashed inductor (CPU)
-                    modules[kind] = torch.compile(modules[kind], dynamic=False)
-        with amp:
-            results = measure(modules, x, (side, side), args.repeats, device, args.cuda_graphs)
-        for kind in set(modules) - set(results):
-            alive.discard(kind)
-            print(f"{kind}: out of memory at {N} tokens; stopping it there")
-        for kind, (sec, mem, _) in results.items():
-            row[f"{kind}_ms"], row[f"{kind}_mem_mib"] = 1000 * sec, mem
-        del modules, x
-        if "dydila" in results and "linear" in results:
-            row["dydila_over_linear"] = paired_ratio(results["dydila"][2], results["linear"][2])
-        rows.append(row)
-        print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-    fields = ["tokens"] + [f"{k}_{u}" for k in MECHANISMS for u in ("ms", "mem_mib")] + ["dydila_over_linear"]
-    with open(out / "scaling.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    cross = next((r["tokens"] for r in rows if r.get("linear_ms", math.inf) < r.get("softmax_ms", -1)), None)
-    plt = T.pyplot()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, kind in enumerate(MECHANISMS):
-        pts = [(r["tokens"], r[f"{kind}_ms"], r[f"{kind}_mem_mib"]) for r in rows if f"{kind}_ms" in r]
-        if pts:
-            n, ms, mem = zip(*pts)
-            a1.plot(n, ms, "o-", color=f"C{i}", label=LABELS[kind])
-            a2.plot(n, mem, "o-", color=f"C{i}", label=LABELS[kind])
-    for ax, ylabel in ((a1, "forward+backward time (ms)"),
-                       (a2, "peak memory (MiB)" if device.type == "cuda" else "activations saved for backward (MiB)")):
-        ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=ylabel)
-        ax.set_xticks([r["tokens"] for r in rows], [f"{r['tokens'] // 1024}k" if r["tokens"] >= 1024 else str(r["tokens"])
-                                                     for r in rows])
-        for axis in (ax.xaxis, ax.yaxis):                               # label the measured sizes and decades only
-            axis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.grid(alpha=0.3, which="both")
-        if cross:
-            ax.axvline(cross, color="gray", ls="--", lw=1)
-            ax.text(cross, ax.get_ylim()[1], f" linear < softmax from N={cross}", fontsize=8, va="top")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"width {args.width}, {args.heads} heads, batch 1, {device.type}{mode}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
-    print(f"linear attention is faster than softmax from N = {cross} tokens" if cross else
-          "linear attention was not faster than softmax at any measured size")
-    dydi = {r["tokens"]: r for r in rows if "dydila_ms" in r}
-    cross_dydi = next((n for n, r in dydi.items() if r["dydila_ms"] < r.get("softmax_ms", -1)), None)
-    print(f"DyDiLA is faster than softmax from N = {cross_dydi} tokens" if cross_dydi else
-          "DyDiLA was not faster than softmax at any measured size")
-    ratios = [r["dydila_over_linear"] for n, r in dydi.items() if n >= 1024 and "dydila_over_linear" in r]
-    if ratios:
-        print(f"DyDiLA / linear attention time at N >= 1024: {min(ratios):.2f} - {max(ratios):.2f}")
-    if 1024 in dydi and max(dydi) > 1024:
-        n = max(dydi)
-        print(f"DyDiLA time at N = {n} / at N = 1024: {dydi[n]['dydila_ms'] / dydi[1024]['dydila_ms']:.1f} "
-              f"(tokens x{n // 1024})")
-    return ["scaling.csv", "scaling.png"]
-
-
 def get_parser():
-    p = argparse.ArgumentParser(description="Attention maps, smoothness, router maps and scaling for softmax, linear and DyDiLA.",
+    p = argparse.ArgumentParser(description="Attention maps, smoothness and router maps of softmax, linear and DyDiLA attention.",
                                 formatter_class=T.HelpFormatter)
     p.add_argument("--out-dir", default="viz", help="folder for the PNGs (and CSV)")
     p.add_argument("--data-dir", default=None, help="where a CIFAR-10 or Fashion-MNIST image is looked for, also for --ckpt runs (default: "
                    f"{T.DEFAULT_DATA_DIR} and Debian's {T.DEBIAN_FASHION_DIR}; else a synthetic image)")
     p.add_argument("--index", type=int, default=0, help="which held-out image to use")
     p.add_argument("--head", type=int, default=0, help="the head whose attention maps are drawn (numbers use all heads)")
-    p.add_argument("--width", type=int, default=192, help="channels of the untrained modules and of --scaling")
-    p.add_argument("--heads", type=int, default=3, help="heads of the untrained modules and of --scaling")
+    p.add_argument("--width", type=int, default=192, help="channels of the untrained modules")
+    p.add_argument("--heads", type=int, default=3, help="heads of the untrained modules")
     p.add_argument("--seed", type=int, default=0, help="seed of the untrained modules and of the noise")
     p.add_argument("--ckpt", nargs="+", default=None, metavar="CKPT", help="train_tiny.py checkpoints to visualise instead")
     p.add_argument("--layer", type=int, default=None, help="with --ckpt: the block whose attention is shown (default: the middle)")
     p.add_argument("--t", type=float, nargs="+", default=[0.2, 0.5, 0.8], help="with --ckpt: noise levels t in [0, 1] (1 = pure noise)")
-    p.add_argument("--ablation", action="store_true", help="with --ckpt: group the runs into rows (seeds together) and "
-                   "draw loss curves and attention entropy side by side (ablation.png), and print the table")
-    p.add_argument("--scaling", action="store_true", help="time and memory against the number of tokens instead")
-    p.add_argument("--max-tokens", type=int, default=None, help="--scaling: largest N (default 16384 on CPU, 262144 on CUDA)")
-    p.add_argument("--compile", action="store_true", help="--scaling: torch.compile each attention first (fuses DyDiLA's "
-                   "elementwise passes; compiles once per size, seconds to a minute each)")
-    p.add_argument("--cuda-graphs", action="store_true", help="--scaling on CUDA: time CUDA-graph replays of each forward+backward, "
-                   "the GPU's own time without Python, dispatcher and launch overhead (which bounds small N on a GPU)")
-    p.add_argument("--repeats", type=int, default=5, help="--scaling: at least this many timed rounds per point (median; fast points run more rounds, ~3 s)")
     return p
 
 
@@ -668,20 +390,10 @@ def main(argv=None):
         if any(not 0 <= t <= 1 for t in args.t):
             raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
         out.mkdir(parents=True, exist_ok=True)
-        if (args.compile or args.cuda_graphs) and not args.scaling:
-            raise T.UserError("--compile and --cuda-graphs are options of --scaling: add --scaling")
-        if args.ablation and not args.ckpt:
-            raise T.UserError("--ablation draws train_tiny.py runs: give their checkpoints with --ckpt runs/*/ckpt.pt")
-        if args.scaling:
-            args.max_tokens = args.max_tokens or (262_144 if torch.cuda.is_available() else 16_384)
-            if args.max_tokens < 256:
-                raise T.UserError(f"--max-tokens {args.max_tokens} is below the smallest size timed, 256 tokens: "
-                                  f"give 256 or more")
-            written = scaling(args, out)
-        elif args.ckpt:
+        if args.ckpt:
             if args.layer is None:
                 args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2
-            written = ablation(args, out) if args.ablation else from_checkpoints(args, out)
+            written = from_checkpoints(args, out)
         else:
             written = untrained(args, out)
     except T.UserError as e:

@@ -1,0 +1,164 @@
+"""
+The ablation table and figure of train_tiny.py runs: rows of runs that differ in attention (and
+seeds of one configuration together), their loss curves, validation loss, attention entropy at one
+layer, and a markdown table with mean and spread per row.
+
+    python tools/ablation.py --ckpt runs/{dit,lit,dydi}_s{0,1}/ckpt.pt --t 0.5
+
+Writes ablation.png (and ablation_samples.png, each row's first run's final EMA samples) into --out-dir.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # dydilit.py and the scripts live one folder up
+import train_tiny as T                                            # noqa: E402
+import visualize as V                                             # noqa: E402
+
+
+def run_label(a):
+    """The ablation row a train_tiny run belongs to, from its arguments (seeds share a row)."""
+    if a.attn != "dydila":
+        return {"softmax": "DiT (softmax)", "linear": "LiT (linear)"}[a.attn]
+    off = [name for name, flag in (("dynamic projection", a.no_dynamic_projection), ("dynamic kernel", a.no_dynamic_kernel),
+                                   ("token differential", a.no_token_differential)) if flag]
+    return "DyDi-LiT" + ("".join(f", no {name}" for name in off))
+
+
+def ablation(args, out):
+    """Runs that differ in attention and seed, side by side: loss curves (mean over seeds, band =
+    min..max), validation loss, and mean normalised row entropy at one layer (at each --t), plus
+    the table. The entropy uses a held-out image and fixed noise, as --ckpt does."""
+    rows, firsts = {}, []
+    for path in args.ckpt:
+        model, objective, a = V.load_run(path)
+        if not 0 <= args.layer < len(model.blocks):
+            raise T.UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
+        log = Path(path).parent / "log.jsonl"
+        if not log.exists():
+            raise T.UserError(f"{log} is missing: tools/ablation.py reads each run's log next to its checkpoint")
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if run_label(a) not in rows:
+            firsts.append((run_label(a), path))
+        rows.setdefault(run_label(a), []).append((a, model, objective, records))
+    # every row is compared at the last validation step that all runs reached (a run stopped early
+    # by Ctrl-C / SIGTERM has fewer validation points)
+    reached = [{r["step"] for r in rec if "val_loss" in r} for runs in rows.values() for *_, rec in runs]
+    val_step = max(set.intersection(*reached), default=None)
+    first = next(iter(rows.values()))[0][0]
+    data = V.run_data(first, args.data_dir)
+    i = V.held_out_index(args.index, data, first.dataset)
+    x0, y = T.to_float(data.val_x[i:i + 1]), data.val_y[i:i + 1]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
+    table = []
+    plt = T.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for i, (label, runs) in enumerate(rows.items()):
+        color = f"C{i}"
+        curves = [{r["step"]: r["loss"] for r in rec if "loss" in r} for _, _, _, rec in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        losses = torch.tensor([[c[s] for s in steps] for c in curves])   # (seeds, steps)
+        a1.plot(steps, losses.mean(0), color=color, label=f"{label} ({len(runs)} seeds)")
+        a1.fill_between(steps, losses.amin(0), losses.amax(0), color=color, alpha=0.2)
+        entry = {"label": label, "val": [], "entropy": [], "img_s": []}
+        for a, model, objective, rec in runs:
+            val = [r for r in rec if "val_loss" in r]
+            a1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, mfc="none")
+            entry["val"].append(next((r["val_loss"] for r in val if r["step"] == val_step), math.nan))
+            speed = [r["img_per_s"] for r in rec if "img_per_s" in r][1:]   # the first interval includes warm-up
+            entry["img_s"].append(statistics.median(speed) if speed else math.nan)
+            ent = []
+            for t in args.t:
+                attn, x = V.captured_attention(model, objective, x0, y, t, args.layer, noise)
+                with torch.no_grad():
+                    ent.append(V.row_entropy(attn.attention_matrix(x, model.hw)).mean().item())
+            entry["entropy"].append(ent)
+        e = torch.tensor(entry["entropy"])                                  # (seeds, t)
+        for j, t in enumerate(args.t):
+            a2.plot([i + 0.12 * (j - (len(args.t) - 1) / 2)] * len(e), e[:, j], "os^dv"[j % 5], color=color, mfc="none",
+                    label=f"t = {t:g}" if i == 0 else None)
+        a2.plot(i, e.mean(), "_", color=color, ms=22, mew=2)
+        table.append(entry)
+    a1.set(xlabel="step", ylabel="training loss", yscale="log",
+           title="training loss: mean over seeds, band = min..max; o = validation loss (fixed noise)")
+    a1.title.set_fontsize(9)
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    a2.set_xticks(range(len(rows)), list(rows), fontsize=9, rotation=20, ha="right")
+    a2.set(ylabel="mean row entropy / log N", title=f"attention entropy, layer {args.layer} (dash: mean)")
+    a2.title.set_fontsize(9)
+    a2.legend(fontsize=8, title="noise level", title_fontsize=8)
+    a2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=110)
+    plt.close(fig)
+    written = ["ablation.png"]
+    grids = [(label, Path(p).parent / "samples_final.png") for label, p in firsts]
+    if all(g.exists() for _, g in grids):                                # each row's first run's final EMA samples
+        fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.4))
+        for ax, (label, g) in zip(np.atleast_1d(axes), grids):
+            ax.imshow(plt.imread(g))
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "ablation_samples.png", dpi=110)
+        plt.close(fig)
+        written.append("ablation_samples.png")
+    seeds = max(len(e["val"]) for e in table)
+    fmt = lambda v: " / ".join("-" if math.isnan(x) else f"{x:.4f}" for x in v)
+    if val_step is None:
+        print("note: the runs share no validation step, so the table has no validation loss")
+    elif any(max(s) > val_step for s in reached):
+        print(f"note: not every run reached its last validation step; all rows are compared at step {val_step}")
+    print(f"| row | val loss at step {val_step} (per seed) | mean | spread | entropy / log N at t = {', '.join(f'{t:g}' for t in args.t)} "
+          f"(per seed) | img/s (per seed) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for e in table:
+        v = [x for x in e["val"] if not math.isnan(x)]
+        ent = " / ".join(", ".join(f"{x:.3f}" for x in s) for s in e["entropy"])
+        mean, spread = (statistics.mean(v), max(v) - min(v)) if v else (math.nan, math.nan)
+        print(f"| {e['label']} | {fmt(e['val'])} | {mean:.4f} | {spread:.4f} | {ent} | "
+              f"{' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
+    if seeds < 2:
+        print("note: one seed per row, so the spread cannot be told from noise; run each row with 2+ seeds")
+    return written
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Ablation table and figure of train_tiny.py runs.", formatter_class=T.HelpFormatter)
+    p.add_argument("--ckpt", nargs="+", required=True, metavar="CKPT", help="the runs' checkpoints (their log.jsonl next to them)")
+    p.add_argument("--out-dir", default="viz", help="folder for ablation.png and ablation_samples.png")
+    p.add_argument("--data-dir", default=None, help="where the runs' held-out images are (default: where the runs read them)")
+    p.add_argument("--index", type=int, default=0, help="the held-out image whose attention entropy is measured")
+    p.add_argument("--layer", type=int, default=None, help="the block whose attention entropy is measured (default: the middle)")
+    p.add_argument("--t", type=float, nargs="+", default=[0.5], help="noise levels t in [0, 1] of the entropy")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    out = Path(args.out_dir)
+    try:
+        if any(not 0 <= t <= 1 for t in args.t):
+            raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
+        if args.layer is None:
+            args.layer = len(V.load_run(args.ckpt[0])[0].blocks) // 2
+        out.mkdir(parents=True, exist_ok=True)
+        written = ablation(args, out)
+    except T.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(out / w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
