@@ -973,7 +973,8 @@ def test_long_waits_show_progress_and_help_shows_real_defaults(tmp_path, capsys)
         assert "default: the middle) (default" not in text and "default 16384 on CPU, 262144 on CUDA) (default" not in text
         assert "(default: None)" not in text
         assert "--out-dir" in text and "--out " not in text
-    assert "(default: 0.0003)" in " ".join(T.get_parser().format_help().split())
+    text = " ".join(T.get_parser().format_help().split())
+    assert "(default: 0.0003)" in text and "noise (default: 0)" in text         # a zero default is still shown
 
 
 # --- bad input ends with one clear line and exit code 2 ---------------------------------

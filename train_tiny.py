@@ -112,7 +112,7 @@ def train(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     ema = build_model(args, channels, num_classes).to(device).eval().requires_grad_(False)
-    # fused: one multi-tensor kernel per update (a LiT-T/4 AdamW update on a 2-core CPU: 3.7 ms, 8.8 with foreach)
+    # fused: the whole update in one multi-tensor kernel (CPU and CUDA)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
     step = 0
     if args.resume:
@@ -766,7 +766,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default, unless it has none (None, off) or its help already says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):                # (0 is a default worth showing: compare by identity)
             return action.help
         return super()._get_help_string(action)
 

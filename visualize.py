@@ -365,7 +365,7 @@ def from_checkpoints(args, out):
 def get_parser():
     p = argparse.ArgumentParser(description="Attention maps, smoothness and router maps of softmax, linear and DyDiLA attention.",
                                 formatter_class=T.HelpFormatter)
-    p.add_argument("--out-dir", default="viz", help="folder for the PNGs (and CSV)")
+    p.add_argument("--out-dir", default="viz", help="folder for the PNGs")
     p.add_argument("--data-dir", default=None, help="where a CIFAR-10 or Fashion-MNIST image is looked for, also for --ckpt runs (default: "
                    f"{T.DEFAULT_DATA_DIR} and Debian's {T.DEBIAN_FASHION_DIR}; else a synthetic image)")
     p.add_argument("--index", type=int, default=0, help="which held-out image to use")
