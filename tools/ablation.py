@@ -1,9 +1,10 @@
 """
 The ablation table and figure of train_tiny.py runs: rows of runs that differ in attention (and
-seeds of one configuration together), their loss curves, validation loss, attention entropy at one
-layer, and a markdown table with mean and spread per row.
+seeds of one configuration together), their loss curves, validation loss, sample quality (FD-cnn,
+classifier accuracy, FID with an Inception file) of each run's final EMA weights, attention entropy
+at one layer, and a markdown table with mean and standard deviation over the seeds per row.
 
-    python tools/ablation.py --ckpt runs/{dit,lit,dydi}_s{0,1}/ckpt.pt --t 0.5
+    python tools/ablation.py --ckpt runs/{dit,lit,dydi}_s{0,1}/ckpt.pt --t 0.5 --fid-samples 500
 
 Writes ablation.png (and ablation_samples.png, each row's first run's final EMA samples) into --out-dir.
 """
@@ -57,6 +58,12 @@ def ablation(args, out):
     i = V.held_out_index(args.index, data, first.dataset)
     x0, y = T.to_float(data.val_x[i:i + 1]), data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
+    quality = None
+    if args.fid_samples:                                                 # every run scored alike: n, steps, seed, cfg
+        quality = T.SampleQuality(data, first.dataset, Path(args.cache_dir), torch.device("cpu"), args.fid_samples,
+                                  args.fid_inception)
+        real = quality.score(data.val_x[:args.fid_samples], data.val_y[:args.fid_samples])
+        print(f"held-out real images: {T.describe(real)}")
     table = []
     plt = T.pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
@@ -67,7 +74,7 @@ def ablation(args, out):
         losses = torch.tensor([[c[s] for s in steps] for c in curves])   # (seeds, steps)
         a1.plot(steps, losses.mean(0), color=color, label=f"{label} ({len(runs)} seeds)")
         a1.fill_between(steps, losses.amin(0), losses.amax(0), color=color, alpha=0.2)
-        entry = {"label": label, "val": [], "entropy": [], "img_s": []}
+        entry = {"label": label, "val": [], "entropy": [], "img_s": [], "scores": []}
         for a, model, objective, rec in runs:
             val = [r for r in rec if "val_loss" in r]
             a1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, mfc="none")
@@ -80,6 +87,13 @@ def ablation(args, out):
                 with torch.no_grad():
                     ent.append(V.row_entropy(attn.attention_matrix(x, model.hw)).mean().item())
             entry["entropy"].append(ent)
+            if quality is not None:
+                steps = args.sample_steps or a.sample_steps
+                sampler = a.sampler or ("euler" if a.objective == "flow" else "ddim")
+                images = T.generate(model, objective, args.fid_samples, model.num_classes, a.channels, a.image_size,
+                                    torch.device("cpu"), a.cfg_scale, steps, sampler, T.nullcontext)
+                entry["scores"].append(quality.score(*images))
+                print(f"{label}, seed {a.seed}: {T.describe(entry['scores'][-1])} ({steps} {sampler} steps, cfg {a.cfg_scale:g})")
         e = torch.tensor(entry["entropy"])                                  # (seeds, t)
         for j, t in enumerate(args.t):
             a2.plot([i + 0.12 * (j - (len(args.t) - 1) / 2)] * len(e), e[:, j], "os^dv"[j % 5], color=color, mfc="none",
@@ -117,18 +131,34 @@ def ablation(args, out):
         print("note: the runs share no validation step, so the table has no validation loss")
     elif any(max(s) > val_step for s in reached):
         print(f"note: not every run reached its last validation step; all rows are compared at step {val_step}")
-    print(f"| row | val loss at step {val_step} (per seed) | mean | spread | entropy / log N at t = {', '.join(f'{t:g}' for t in args.t)} "
-          f"(per seed) | img/s (per seed) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    metrics = [("fd_cnn", f"FD-cnn-{args.fid_samples}", "{:.2f}", 1), ("cnn_acc", "accuracy %", "{:.1f}", 100)]
+    if args.fid_inception:
+        metrics.append(("fid", f"FID-{args.fid_samples}", "{:.2f}", 1))
+    metrics = metrics if quality is not None else []
+    head = "".join(f" {name} (per seed) | mean ± std |" for _, name, _, _ in metrics)
+    print(f"| row | val loss at step {val_step} (per seed) | mean ± std |{head} entropy / log N at t = "
+          f"{', '.join(f'{t:g}' for t in args.t)} (per seed) | mean | img/s (per seed) |")
+    print("|" + " --- |" * (6 + 2 * len(metrics)))
     for e in table:
         v = [x for x in e["val"] if not math.isnan(x)]
         ent = " / ".join(", ".join(f"{x:.3f}" for x in s) for s in e["entropy"])
-        mean, spread = (statistics.mean(v), max(v) - min(v)) if v else (math.nan, math.nan)
-        print(f"| {e['label']} | {fmt(e['val'])} | {mean:.4f} | {spread:.4f} | {ent} | "
-              f"{' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
+        cells = [f"{fmt(e['val'])} | {mean_std(v, '{:.4f}')}"]
+        for key, _, form, scale in metrics:
+            values = [sc[key] * scale for sc in e["scores"]]
+            cells.append(f"{' / '.join(form.format(x) for x in values)} | {mean_std(values, form)}")
+        ent_mean = statistics.mean(x for s in e["entropy"] for x in s)
+        print(f"| {e['label']} | {' | '.join(cells)} | {ent} | {ent_mean:.3f} | {' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
     if seeds < 2:
         print("note: one seed per row, so the spread cannot be told from noise; run each row with 2+ seeds")
     return written
+
+
+def mean_std(values, form):
+    """'0.2505 ± 0.0050': the mean and the standard deviation (n - 1) over the seeds."""
+    if not values:
+        return "-"
+    std = form.format(statistics.stdev(values)) if len(values) > 1 else "-"
+    return f"{form.format(statistics.mean(values))} ± {std}"
 
 
 def get_parser():
@@ -140,6 +170,11 @@ def get_parser():
     p.add_argument("--layer", type=int, default=None, help="the block whose attention entropy is measured (default: the middle)")
     p.add_argument("--t", type=float, nargs="+", default=[0.5], help="noise levels t in [0, 1] of the entropy")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--fid-samples", type=int, default=0, help="score this many EMA samples of each run (class-balanced, "
+                   "each run's guidance scale and sampler): FD-cnn and accuracy, FID with --fid-inception; 0: off")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps of the scored samples (default: each run's)")
+    p.add_argument("--fid-inception", default=None, metavar="PATH", help="a TorchScript FID Inception network (see train_tiny.py --help)")
+    p.add_argument("--cache-dir", default="./data/cache", help="where the metric classifier and FID statistics are cached")
     return p
 
 
@@ -149,6 +184,10 @@ def main(argv=None):
     try:
         if any(not 0 <= t <= 1 for t in args.t):
             raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
+        if args.fid_samples < 0 or args.fid_samples == 1 or (args.sample_steps is not None and args.sample_steps < 1):
+            raise T.UserError("--fid-samples must be 0 (off) or >= 2 and --sample-steps >= 1")
+        if args.fid_inception and not args.fid_samples:
+            raise T.UserError("--fid-inception needs samples to score: add --fid-samples N")
         if args.layer is None:
             args.layer = len(V.load_run(args.ckpt[0])[0].blocks) // 2
         out.mkdir(parents=True, exist_ok=True)
