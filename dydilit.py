@@ -277,6 +277,8 @@ class DynamicMeasureKernel(nn.Module):
     # choice: the exponent chosen for token i applies to t_i and to its redundancy t'_i (the
     # abstract: the redundancy is "produced by the dynamic measure kernel").
     # choice: one choice per token, shared by the heads; the router reads X_i (as in design (i)).
+    # What a kernel is assigned to (token, head, or token and head) and from what is not public;
+    # the [C] source routes per head on head features.
     # choice: initial exponents spread evenly over [1.5, 4.5] (mean 3.0, FLatten's focusing factor),
     # not all 3.0 as in the [C] source. With identical exponents every choice computes the same
     # kernel: through its gate the router still gets a gradient (how much the chosen phi should

@@ -744,7 +744,7 @@ def make_cifar_tarball(tmp_path):
 
 def test_cifar10_extracts_a_verified_tarball(tmp_path, monkeypatch):
     data_dir, tarball = make_cifar_tarball(tmp_path)
-    monkeypatch.setattr(T, "CIFAR10_MD5", T.md5(tarball))
+    monkeypatch.setattr(T, "CIFAR10_MD5", T.file_digest(tarball))
     data = T.load_cifar10(data_dir)
     assert data.train_x.shape == (30, 3, 32, 32)
     assert (data_dir / "cifar-10-batches-py" / "test_batch").exists()
@@ -753,7 +753,7 @@ def test_cifar10_extracts_a_verified_tarball(tmp_path, monkeypatch):
 
 def test_cifar10_md5_mismatch_is_a_clear_error_and_extracts_nothing(tmp_path, monkeypatch, capsys):
     data_dir, tarball = make_cifar_tarball(tmp_path)         # its MD5 is not the official one
-    with pytest.raises(T.UserError, match=f"has MD5 {T.md5(tarball)}, expected c58f30108f718f92721af3b95e74349a"):
+    with pytest.raises(T.UserError, match=f"has MD5 {T.file_digest(tarball)}, expected c58f30108f718f92721af3b95e74349a"):
         T.load_cifar10(data_dir)
     assert set(p.name for p in data_dir.iterdir()) == {"cifar-10-python.tar.gz"}
     # through the command line: one line on stderr, exit code 2
@@ -1060,7 +1060,7 @@ def test_metric_classifier_learns_is_cached_and_tells_real_from_noise(tmp_path, 
     again = T.SampleQuality(data, "fab", tmp_path / "cache", torch.device("cpu"), 100)
     assert again.score(data.val_x[:100], data.val_y[:100]) == pytest.approx(real)
     cached[0].write_bytes(b"broken")
-    with pytest.raises(T.UserError, match="cannot read the cached metric classifier .* delete it"):
+    with pytest.raises(T.UserError, match="cannot read the cached metric classifier .* delete it and it is made again"):
         T.SampleQuality(data, "fab", tmp_path / "cache", torch.device("cpu"), 100)
 
 

@@ -452,9 +452,7 @@ def save_checkpoint(path, model, ema, opt, step, args, classes):
              "args": vars(args), "classes": list(classes),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_atomic(path, state)
 
 
 def load_checkpoint(path):
@@ -512,6 +510,24 @@ def gaussian_stats(features):
     return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
+def read_cache(path, what):
+    """A cached file of plain tensors, or None if there is none; a damaged one is a one-line error."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read the cached {what} {path} ({e.__class__.__name__}): delete it and it is made again") from None
+
+
+def save_atomic(path, state):
+    """torch.save to a temp file, then a rename: never half a file (checkpoints, caches)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def data_key(*parts, images=None):
     """A short hash of what a cached file depends on (and of the images themselves, if given)."""
     h = hashlib.md5(json.dumps(parts).encode())
@@ -557,14 +573,10 @@ def metric_classifier(data, dataset, cache_dir, device):
     key = data_key("metric-cnn-v1", dataset, CNN_STEPS, CNN_BATCH, CNN_LR, len(data.classes), images=x)
     path = cache_dir / f"metric-cnn-{dataset}-{x.shape[-1]}px-{len(x)}-{key}.pt"
     cnn = MetricCNN(x.shape[1], len(data.classes)).to(device)
-    if path.exists():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            cnn.load_state_dict(saved["cnn"])
-            return cnn, (saved["mu"].numpy(), saved["cov"].numpy()), saved["acc"]
-        except Exception as e:
-            raise UserError(f"cannot read the cached metric classifier {path} ({e.__class__.__name__}): "
-                            f"delete it and it is trained again") from None
+    saved = read_cache(path, "metric classifier")
+    if saved is not None:
+        cnn.load_state_dict(saved["cnn"])
+        return cnn, (saved["mu"].numpy(), saved["cov"].numpy()), saved["acc"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
@@ -585,10 +597,7 @@ def metric_classifier(data, dataset, cache_dir, device):
     _, pred = cnn_outputs(cnn, data.val_x, device)
     acc = (pred == data.val_y).float().mean().item()
     mu, cov = gaussian_stats(cnn_outputs(cnn, x, device)[0])
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"cnn": cnn.state_dict(), "mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov), "acc": acc}, tmp)
-    os.replace(tmp, path)
+    save_atomic(path, {"cnn": cnn.state_dict(), "mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov), "acc": acc})
     print(f"metric classifier: held-out accuracy {100 * acc:.1f}% on {len(data.val_x)} images; cached in {path}")
     return cnn, (mu, cov), acc
 
@@ -610,14 +619,6 @@ def inception_input(images):
     return (x - 128) / 128
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_inception(path, device):
     """A TorchScript FID Inception network: (n, 3, 299, 299) in [-1, 1] -> (n, 2048) features."""
     path = Path(path)
@@ -635,7 +636,7 @@ def load_inception(path, device):
         raise UserError(f"--fid-inception {path} maps a (2, 3, 299, 299) batch to "
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, not (2, 2048) "
                         f"features: it is not the FID Inception network")
-    return net, file_sha256(path)
+    return net, file_digest(path, "sha256")
 
 
 @torch.no_grad()
@@ -653,15 +654,12 @@ def inception_reference(net, net_hash, data, dataset, n, cache_dir, device):
     n_ref = min(len(x), max(FID_REFERENCE_MIN, n))
     key = data_key("fid-ref-v1", dataset, n_ref, net_hash, images=x)
     path = cache_dir / f"fid-ref-{dataset}-{x.shape[-1]}px-{n_ref}-{key}.pt"
-    if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_cache(path, "FID reference statistics")
+    if saved is not None:
         return saved["mu"].numpy(), saved["cov"].numpy(), n_ref
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_ref]
     mu, cov = gaussian_stats(inception_features(net, x[idx], device, desc=f"FID reference: {n_ref} training images (once)"))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, tmp)
-    os.replace(tmp, path)
+    save_atomic(path, {"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)})
     return mu, cov, n_ref
 
 
@@ -731,8 +729,8 @@ def to_float(images):
     return images.float() / 127.5 - 1
 
 
-def md5(path):
-    h = hashlib.md5()
+def file_digest(path, algorithm="md5"):
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -760,7 +758,7 @@ def load_cifar10(data_dir, explicit=True):
                                 f"cifar-10-python.tar.gz (from {CIFAR10_URL}) or its extracted cifar-10-batches-py "
                                 f"folder into {data_dir}/") from None
             part.rename(tarball)
-        digest = md5(tarball)
+        digest = file_digest(tarball)
         if digest != CIFAR10_MD5:
             raise UserError(f"{tarball} has MD5 {digest}, expected {CIFAR10_MD5}: the file is corrupt or not "
                             f"CIFAR-10's python version; delete it and download it again")
