@@ -46,6 +46,8 @@ def _check_tokens(x, hw, dim):
     H, W = hw
     if N != H * W:
         raise ValueError(f"N = {N} tokens does not match hw = ({H}, {W}): N must equal H * W = {H * W}")
+    if N == 0:
+        raise ValueError(f"x has no tokens (shape {tuple(x.shape)}, hw = ({H}, {W})): attention needs N >= 1")
     if C != dim:
         raise ValueError(f"x has C = {C} channels but the attention was built with dim = {dim}")
     return B, N, C
@@ -635,6 +637,7 @@ class DDPM:
     """
 
     def __init__(self, num_timesteps=1000, schedule="linear"):
+        _check_count("num_timesteps", num_timesteps)
         if schedule == "linear":                                # DDPM: beta from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
         elif schedule == "cosine":                              # Nichol & Dhariwal 2021, betas clipped at 0.999

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import dydilit as D
-import train_tiny as T
+from training.data import DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, load_cifar10, load_data, load_fashion_mnist, make_synthetic, to_float
+from training.evaluation import load_run, pyplot
+from training.run import HelpFormatter, UserError, check_writable, cli
 
 MECHANISMS = ("softmax", "linear", "dydila")
 LABELS = {"softmax": "softmax (DiT)", "linear": "linear (LiT)", "dydila": "DyDiLA (DyDi-LiT)"}
@@ -67,35 +69,32 @@ def find_image(data_dir, index):
     """(image (c, S, S) in [-1, 1], source name): CIFAR-10 or Fashion-MNIST if present, else synthetic.
     data_dir: --data-dir as given (None: ./data, and Debian's Fashion-MNIST folder)."""
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise T.UserError(f"--data-dir {data_dir} does not exist: point it at a folder with CIFAR-10 or Fashion-MNIST, "
+        raise UserError(f"--data-dir {data_dir} does not exist: point it at a folder with CIFAR-10 or Fashion-MNIST, "
                           f"or leave it out (a synthetic image is used when none is found)")
-    folder = Path(data_dir or T.DEFAULT_DATA_DIR)
+    folder = Path(data_dir or DEFAULT_DATA_DIR)
     if (folder / "cifar-10-batches-py").is_dir():
-        data, name = T.load_cifar10(folder), "CIFAR-10 test"
+        data, name = load_cifar10(folder), "CIFAR-10 test"
     else:
         try:
-            data, name = T.load_fashion_mnist(folder, explicit=False), "Fashion-MNIST test"
-        except T.UserError:
-            print(f"no CIFAR-10 or Fashion-MNIST in {folder} or {T.DEBIAN_FASHION_DIR}: using a synthetic image")
-            data, name = T.make_synthetic(32), "synthetic"
+            data, name = load_fashion_mnist(folder, explicit=False), "Fashion-MNIST test"
+        except UserError:
+            print(f"no CIFAR-10 or Fashion-MNIST in {folder} or {DEBIAN_FASHION_DIR}: using a synthetic image")
+            data, name = make_synthetic(32), "synthetic"
     i = held_out_index(index, data, name)
-    return T.to_float(data.val_x[i]), f"{name} image {i} ({data.classes[int(data.val_y[i])]})"
+    return to_float(data.val_x[i]), f"{name} image {i} ({data.classes[int(data.val_y[i])]})"
 
 
 def run_data(a, data_dir):
     """The data of a train_tiny run (its args a): from --data-dir if given, else where the run read
     it if that folder still exists, else the default places."""
-    a = argparse.Namespace(**vars(a))
-    if data_dir is not None:
-        a.data_dir = data_dir
-    elif a.data_dir is not None and not Path(a.data_dir).is_dir():
-        a.data_dir = None
-    return T.load_data(a)
+    if data_dir is None and a.data_dir is not None and Path(a.data_dir).is_dir():
+        data_dir = a.data_dir
+    return load_data(a.dataset, data_dir, a.image_size, a.num_classes, a.class_list, a.cache_dir, flip=not a.no_flip)
 
 
 def held_out_index(index, data, name):
     if not 0 <= index < len(data.val_x):
-        raise T.UserError(f"--index {index} is out of range: the {name} held-out set has images 0..{len(data.val_x) - 1}")
+        raise UserError(f"--index {index} is out of range: the {name} held-out set has images 0..{len(data.val_x) - 1}")
     return index
 
 
@@ -135,7 +134,7 @@ def show_image(ax, img, queries, patch, title):
 def attention_maps_figure(path, img, patch, queries, rows, hw, head, title):
     """rows: list of (label, A (1, h, N, N)). One figure row per label, one column per query;
     one colour scale per row."""
-    plt = T.pyplot()
+    plt = pyplot()
     n = len(queries)
     fig, axes = plt.subplots(len(rows), n + 1, figsize=(2.2 * (n + 1) + 0.6, 2.2 * len(rows) + 0.4), squeeze=False,
                              layout="constrained")
@@ -160,7 +159,7 @@ def attention_maps_figure(path, img, patch, queries, rows, hw, head, title):
 
 def smoothness_figure(path, results, title):
     """results: list of (label, A). Entropy and top-5% mass distributions over all rows and heads."""
-    plt = T.pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.2 + 0.25 * len(results)))
     labels = [label for label, _ in results]
     ents = [row_entropy(A).flatten() for _, A in results]
@@ -217,7 +216,7 @@ def router_figure(path, img, patch, entries):
     colour each), the chosen exponent g and the chosen lambda (a colour scale over the bank's
     values). A static design's panel says so. Prints a warning for a collapsed router (> 95% of
     the tokens on one choice)."""
-    plt = T.pyplot()
+    plt = pyplot()
     from matplotlib.colors import BoundaryNorm, ListedColormap
     fig, axes = plt.subplots(2 * len(entries), 1 + len(ROUTERS), figsize=(3.0 * (1 + len(ROUTERS)), 2.9 * 2 * len(entries)),
                              squeeze=False, layout="constrained")
@@ -283,15 +282,6 @@ def untrained(args, out):
     return ["attention_maps.png", "attention_smoothness.png", "router_maps.png"]
 
 
-def load_run(path):
-    """(model (EMA weights, eval, CPU), objective, args namespace) from a train_tiny checkpoint."""
-    ckpt = T.load_checkpoint(Path(path))
-    a = argparse.Namespace(**ckpt["args"])
-    model = T.build_model(a, a.channels, len(ckpt["classes"]))
-    model.load_state_dict(ckpt["ema"])
-    return model.eval(), T.build_objective(a), a
-
-
 def captured_attention(model, objective, x0, y, t, layer, noise):
     """Run the model on x_t and return the attention module of block `layer` and its input."""
     if isinstance(objective, D.DDPM):
@@ -313,26 +303,26 @@ def captured_attention(model, objective, x0, y, t, layer, noise):
 
 
 def from_checkpoints(args, out):
-    runs = [(p, *load_run(p)) for p in args.ckpt]
+    runs = [(p, *load_run(p)[:3]) for p in args.ckpt]
     first = runs[0][3]
     try:
         data = run_data(first, args.data_dir)
-    except T.UserError as e:
-        raise T.UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
+    except UserError as e:
+        raise UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
     i = held_out_index(args.index, data, first.dataset)
-    img = T.to_float(data.val_x[i])
+    img = to_float(data.val_x[i])
     x0, y = img[None], data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     maps, routers, parts = [], [], []
     hw = None
     for path, model, objective, a in runs:
         if (a.dataset, a.image_size) != (first.dataset, first.image_size):
-            raise T.UserError(f"{path} was trained on {a.dataset} at {a.image_size}px, {args.ckpt[0]} on "
+            raise UserError(f"{path} was trained on {a.dataset} at {a.image_size}px, {args.ckpt[0]} on "
                               f"{first.dataset} at {first.image_size}px: compare runs on the same data")
         if not 0 <= args.layer < len(model.blocks):
-            raise T.UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
+            raise UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
         if not 0 <= args.head < model.blocks[0].attn.num_heads:
-            raise T.UserError(f"--head {args.head} is out of range: {path} has heads 0..{model.blocks[0].attn.num_heads - 1}")
+            raise UserError(f"--head {args.head} is out of range: {path} has heads 0..{model.blocks[0].attn.num_heads - 1}")
         name = f"{a.attn} ({Path(path).parent.name})"
         for t in args.t:
             attn, x = captured_attention(model, objective, x0, y, t, args.layer, noise)
@@ -364,10 +354,10 @@ def from_checkpoints(args, out):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Attention maps, smoothness and router maps of softmax, linear and DyDiLA attention.",
-                                formatter_class=T.HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out-dir", default="viz", help="folder for the PNGs")
     p.add_argument("--data-dir", default=None, help="where a CIFAR-10 or Fashion-MNIST image is looked for, also for --ckpt runs (default: "
-                   f"{T.DEFAULT_DATA_DIR} and Debian's {T.DEBIAN_FASHION_DIR}; else a synthetic image)")
+                   f"{DEFAULT_DATA_DIR} and Debian's {DEBIAN_FASHION_DIR}; else a synthetic image)")
     p.add_argument("--index", type=int, default=0, help="which held-out image to use")
     p.add_argument("--head", type=int, default=0, help="the head whose attention maps are drawn (numbers use all heads)")
     p.add_argument("--width", type=int, default=192, help="channels of the untrained modules")
@@ -381,24 +371,22 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    return cli(run, args)
+
+
+def run(args):
     out = Path(args.out_dir)
-    try:
-        if args.heads < 1 or args.width % args.heads:
-            raise T.UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
-        if not args.ckpt and not 0 <= args.head < args.heads:
-            raise T.UserError(f"--head {args.head} is out of range: the modules have heads 0..{args.heads - 1}")
-        if any(not 0 <= t <= 1 for t in args.t):
-            raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
-        out.mkdir(parents=True, exist_ok=True)
-        if args.ckpt:
-            if args.layer is None:
-                args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2
-            written = from_checkpoints(args, out)
-        else:
-            written = untrained(args, out)
-    except T.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.heads < 1 or args.width % args.heads:
+        raise UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    if not args.ckpt and not 0 <= args.head < args.heads:
+        raise UserError(f"--head {args.head} is out of range: the modules have heads 0..{args.heads - 1}")
+    if any(not 0 <= t <= 1 for t in args.t):
+        raise UserError(f"--t takes noise levels in [0, 1], got {args.t}")
+    check_writable(out, "--out-dir")
+    if args.ckpt and args.layer is None:
+        args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2
+    out.mkdir(parents=True, exist_ok=True)
+    written = from_checkpoints(args, out) if args.ckpt else untrained(args, out)
     print("wrote " + ", ".join(str(out / w) for w in written))
     return 0
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import statistics
+from contextlib import nullcontext
 import sys
 from pathlib import Path
 
@@ -20,8 +21,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # dydilit.py and the scripts live one folder up
-import train_tiny as T                                            # noqa: E402
 import visualize as V                                             # noqa: E402
+from training.data import to_float                                # noqa: E402
+from training.evaluation import default_sampler, generate, load_run, pyplot   # noqa: E402
+from training.quality import SampleQuality, describe, load_inception          # noqa: E402
+from training.run import HelpFormatter, UserError, check_writable, cli        # noqa: E402
 
 
 def run_label(a):
@@ -39,12 +43,12 @@ def ablation(args, out):
     the table. The entropy uses a held-out image and fixed noise, as --ckpt does."""
     rows, firsts = {}, []
     for path in args.ckpt:
-        model, objective, a = V.load_run(path)
+        model, objective, a, _ = load_run(path)
         if not 0 <= args.layer < len(model.blocks):
-            raise T.UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
+            raise UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
         log = Path(path).parent / "log.jsonl"
         if not log.exists():
-            raise T.UserError(f"{log} is missing: tools/ablation.py reads each run's log next to its checkpoint")
+            raise UserError(f"{log} is missing: tools/ablation.py reads each run's log next to its checkpoint")
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         if run_label(a) not in rows:
             firsts.append((run_label(a), path))
@@ -56,16 +60,15 @@ def ablation(args, out):
     first = next(iter(rows.values()))[0][0]
     data = V.run_data(first, args.data_dir)
     i = V.held_out_index(args.index, data, first.dataset)
-    x0, y = T.to_float(data.val_x[i:i + 1]), data.val_y[i:i + 1]
+    x0, y = to_float(data.val_x[i:i + 1]), data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     quality = None
     if args.fid_samples:                                                 # every run scored alike: n, steps, seed, cfg
-        quality = T.SampleQuality(data, first.dataset, Path(args.cache_dir), torch.device("cpu"), args.fid_samples,
-                                  args.fid_inception)
-        real = quality.score(data.val_x[:args.fid_samples], data.val_y[:args.fid_samples])
-        print(f"held-out real images: {T.describe(real)}")
+        inception = load_inception(args.fid_inception, torch.device("cpu")) if args.fid_inception else None
+        quality = SampleQuality(data, first.dataset, args.cache_dir, torch.device("cpu"), args.fid_samples, inception)
+        print(f"held-out real images: {describe(quality.real())}")
     table = []
-    plt = T.pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for i, (label, runs) in enumerate(rows.items()):
         color = f"C{i}"
@@ -89,11 +92,11 @@ def ablation(args, out):
             entry["entropy"].append(ent)
             if quality is not None:
                 steps = args.sample_steps or a.sample_steps
-                sampler = a.sampler or ("euler" if a.objective == "flow" else "ddim")
-                images = T.generate(model, objective, args.fid_samples, model.num_classes, a.channels, a.image_size,
-                                    torch.device("cpu"), a.cfg_scale, steps, sampler, T.nullcontext)
+                sampler = a.sampler or default_sampler(a.objective)
+                images = generate(model, objective, args.fid_samples, model.num_classes, a.channels, a.image_size,
+                                  torch.device("cpu"), a.cfg_scale, steps, sampler, nullcontext)
                 entry["scores"].append(quality.score(*images))
-                print(f"{label}, seed {a.seed}: {T.describe(entry['scores'][-1])} ({steps} {sampler} steps, cfg {a.cfg_scale:g})")
+                print(f"{label}, seed {a.seed}: {describe(entry['scores'][-1])} ({steps} {sampler} steps, cfg {a.cfg_scale:g})")
         e = torch.tensor(entry["entropy"])                                  # (seeds, t)
         for j, t in enumerate(args.t):
             a2.plot([i + 0.12 * (j - (len(args.t) - 1) / 2)] * len(e), e[:, j], "os^dv"[j % 5], color=color, mfc="none",
@@ -162,7 +165,7 @@ def mean_std(values, form):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Ablation table and figure of train_tiny.py runs.", formatter_class=T.HelpFormatter)
+    p = argparse.ArgumentParser(description="Ablation table and figure of train_tiny.py runs.", formatter_class=HelpFormatter)
     p.add_argument("--ckpt", nargs="+", required=True, metavar="CKPT", help="the runs' checkpoints (their log.jsonl next to them)")
     p.add_argument("--out-dir", default="viz", help="folder for ablation.png and ablation_samples.png")
     p.add_argument("--data-dir", default=None, help="where the runs' held-out images are (default: where the runs read them)")
@@ -180,21 +183,22 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    return cli(run, args)
+
+
+def run(args):
     out = Path(args.out_dir)
-    try:
-        if any(not 0 <= t <= 1 for t in args.t):
-            raise T.UserError(f"--t takes noise levels in [0, 1], got {args.t}")
-        if args.fid_samples < 0 or args.fid_samples == 1 or (args.sample_steps is not None and args.sample_steps < 1):
-            raise T.UserError("--fid-samples must be 0 (off) or >= 2 and --sample-steps >= 1")
-        if args.fid_inception and not args.fid_samples:
-            raise T.UserError("--fid-inception needs samples to score: add --fid-samples N")
-        if args.layer is None:
-            args.layer = len(V.load_run(args.ckpt[0])[0].blocks) // 2
-        out.mkdir(parents=True, exist_ok=True)
-        written = ablation(args, out)
-    except T.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if any(not 0 <= t <= 1 for t in args.t):
+        raise UserError(f"--t takes noise levels in [0, 1], got {args.t}")
+    if args.fid_samples < 0 or args.fid_samples == 1 or (args.sample_steps is not None and args.sample_steps < 1):
+        raise UserError("--fid-samples must be 0 (off) or >= 2 and --sample-steps >= 1")
+    if args.fid_inception and not args.fid_samples:
+        raise UserError("--fid-inception needs samples to score: add --fid-samples N")
+    check_writable(out, "--out-dir")
+    if args.layer is None:
+        args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2
+    out.mkdir(parents=True, exist_ok=True)
+    written = ablation(args, out)
     print("wrote " + ", ".join(str(out / w) for w in written))
     return 0
 

@@ -15,14 +15,16 @@ import math
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # dydilit.py and the scripts live one folder up
 import dydilit as D                                               # noqa: E402
-import train_tiny as T                                            # noqa: E402
 import visualize as V                                             # noqa: E402
+from training.evaluation import pyplot                            # noqa: E402
+from training.run import HelpFormatter, UserError, check_writable, cli, pick_device   # noqa: E402
 
 
 def measure(modules, x, hw, repeats, device, graphs=False):
@@ -98,14 +100,14 @@ def paired_ratio(a, b):
 
 
 def scaling(args, out):
-    device = T.pick_device()
+    device = pick_device()
     if args.cuda_graphs and device.type != "cuda":
-        raise T.UserError("--cuda-graphs needs a CUDA GPU (it times CUDA-graph replays); drop it on this machine")
+        raise UserError("--cuda-graphs needs a CUDA GPU (it times CUDA-graph replays); drop it on this machine")
     if args.compile:                                            # each size and mechanism compiles its own graph
         torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
     mode = ", torch.compile" * args.compile + ", CUDA-graph replays" * args.cuda_graphs
     # a CUDA graph records autocast's casts, so its cast cache must be off (no difference in eager)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else T.nullcontext()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else nullcontext()
     sides = [s for s in (16, 32, 64, 128, 256, 512) if s * s <= args.max_tokens]
     rows, alive = [], set(V.MECHANISMS)
     print(f"forward+backward, batch 1, width {args.width}, {args.heads} heads, on {device}"
@@ -139,7 +141,7 @@ def scaling(args, out):
         w.writeheader()
         w.writerows(rows)
     cross = next((r["tokens"] for r in rows if r.get("linear_ms", math.inf) < r.get("softmax_ms", -1)), None)
-    plt = T.pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, kind in enumerate(V.MECHANISMS):
@@ -183,7 +185,7 @@ def scaling(args, out):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Forward+backward time and memory of softmax, linear and DyDiLA attention "
-                                "against the number of tokens.", formatter_class=T.HelpFormatter)
+                                "against the number of tokens.", formatter_class=HelpFormatter)
     p.add_argument("--out-dir", default="viz", help="folder for scaling.csv and scaling.png")
     p.add_argument("--width", type=int, default=192, help="channels of each module")
     p.add_argument("--heads", type=int, default=3, help="heads of each module")
@@ -199,18 +201,19 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    return cli(run, args)
+
+
+def run(args):
     out = Path(args.out_dir)
-    try:
-        if args.heads < 1 or args.width % args.heads:
-            raise T.UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
-        args.max_tokens = args.max_tokens or (262_144 if torch.cuda.is_available() else 16_384)
-        if args.max_tokens < 256:
-            raise T.UserError(f"--max-tokens {args.max_tokens} is below the smallest size timed, 256 tokens: give 256 or more")
-        out.mkdir(parents=True, exist_ok=True)
-        written = scaling(args, out)
-    except T.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.heads < 1 or args.width % args.heads:
+        raise UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    args.max_tokens = args.max_tokens or (262_144 if torch.cuda.is_available() else 16_384)
+    if args.max_tokens < 256:
+        raise UserError(f"--max-tokens {args.max_tokens} is below the smallest size timed, 256 tokens: give 256 or more")
+    check_writable(out, "--out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    written = scaling(args, out)
     print("wrote " + ", ".join(str(out / w) for w in written))
     return 0
 

@@ -1,0 +1,68 @@
+"""visualize.py: the smoothness metrics on known answers, the figures of untrained modules and of
+trained checkpoints, one-line errors."""
+
+import math
+
+import pytest
+import torch
+
+import training.data as TD
+import visualize as V
+
+
+def test_smoothness_metrics_known_answers():
+    N = 100
+    uniform = torch.full((3, N), 1.0 / N)
+    one_hot = torch.zeros(3, N)
+    one_hot[:, 7] = 1
+    torch.testing.assert_close(V.row_entropy(uniform), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(V.row_entropy(one_hot), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(V.top_mass(uniform), torch.full((3,), 0.05, dtype=torch.float64))
+    torch.testing.assert_close(V.top_mass(one_hot), torch.ones(3, dtype=torch.float64))
+    half = torch.zeros(N)
+    half[:2] = 0.5                                            # two keys: entropy log 2 / log N
+    assert V.row_entropy(half[None]).item() == pytest.approx(math.log(2) / math.log(N))
+    assert V.row_entropy(torch.zeros(1, N)).isnan().all()     # a row that attends to nothing
+    s = V.summarise(torch.stack([uniform, one_hot])[None])   # (1, 2, 3, N)
+    assert s["entropy_mean"] == pytest.approx(0.5) and s["zero_rows"] == 0 and s["rows"] == 6
+
+
+@pytest.mark.slow
+def test_visualize_default_mode_writes_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(TD, "FASHION_DIRS", [])               # offline synthetic image, whatever is installed
+    assert V.main(["--out-dir", str(tmp_path)]) == 0
+    for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    table = capsys.readouterr().out
+    assert "softmax (DiT)" in table and "DyDiLA (DyDi-LiT)" in table and "synthetic image 0" in table
+
+
+@pytest.mark.slow
+def test_visualize_checkpoint_mode_writes_parts_and_routers(tiny_runs, tmp_path, capsys):
+    runs = [tiny_runs[name] for name in ("linear", "dydila", "static")]
+    assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", *runs, "--t", "0.3", "0.7"]) == 0
+    for name in ("attention_maps.png", "attention_smoothness.png", "router_maps.png", "dydila_parts_dydila.png",
+                 "dydila_parts_static.png"):                    # DyDiLA's parts: one figure per run
+        assert (tmp_path / "viz" / name).stat().st_size > 10_000, name
+    from PIL import Image
+    for name in ("router_maps.png", "dydila_parts_dydila.png"):  # wide figures stay readable in a README column
+        assert Image.open(tmp_path / "viz" / name).size[0] <= 1300, name
+    out = capsys.readouterr().out
+    assert "dydila (dydila) t=0.7" in out and "layer 3" in out
+    assert not [w for w in out.splitlines() if w.startswith("warning: dydila (static)") and "kernel" in w]  # a static kernel is no collapse
+    assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", *runs, "--layer", "9"]) == 2
+    assert "--layer 9 is out of range: " in capsys.readouterr().err
+
+
+def test_visualize_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(TD, "FASHION_DIRS", [])
+    (tmp_path / "a_file").write_text("x")
+    for argv, message in ((["--index", "999999"], "--index 999999 is out of range: the synthetic held-out set has images 0..499"),
+                          (["--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
+                          (["--ckpt", "missing.pt"], "missing.pt: no such checkpoint file"),
+                          (["--width", "30", "--heads", "4"], "--width 30 is not divisible by --heads 4"),
+                          (["--t", "1.5"], "--t takes noise levels in [0, 1], got [1.5]"),
+                          (["--out-dir", "a_file"], "--out-dir a_file is a file: give a folder")):
+        assert V.main(["--out-dir", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
