@@ -10,8 +10,9 @@ DyDiLA fixes the over-smoothed attention of linear attention with three designs:
   (iii) token differential     q~_i = relu(phi(q_i) - lambda_i phi(q'_i)), lambda_i routed    -> TokenDifferential
 and DyDi-LiT is DiT with DyDiLA as its attention (DyDiLiT below).
 
-The method section is not public: every place where this file fills a gap is marked
-`# choice:` and listed in README.md ("Where this implementation interprets the paper").
+The method section is not public: every line where this file fills a gap carries the comment
+"choice (README item n): ...", and item n of README.md's list "Where this implementation
+interprets the paper" gives the evidence and its grade.
 
 Follows: DiT (Peebles & Xie 2023, facebookresearch/DiT models.py) for the backbone,
 LiT (Wang et al. 2025, arXiv 2501.12976) and SANA for ReLU linear attention with a 5x5
@@ -212,18 +213,16 @@ class LinearAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The three DyDiLA designs (DyDiLA paper, Sec. 3.1, designs (i)-(iii) of the abstract)
+# 3. The three DyDiLA designs ((i)-(iii) of the DyDiLA paper's abstract)
 # ----------------------------------------------------------------------------------------
 
 class Router(nn.Module):
     """A hard per-token choice among n options: c_i = argmax_c (X_i R)_c, R in R^{C x n}.
 
     Returns the choice (B, N) and a straight-through gate (B, N) that the caller multiplies
-    onto the chosen output: the forward is the hard argmax (gate == 1 in value).
-    # choice: the gate is 1 + p_i - stopgrad(p_i), p_i the softmax probability of the chosen
-    # option, so the router learns whether its choice should weigh more (DyDiLA paper: hard
-    # argmax; how the router is trained is not public; the [C] source uses a straight-through
-    # estimator too). Logits in float32, so that autocast does not flip near-tied choices.
+    onto the chosen output: the forward is the hard argmax (gate == 1 in value), the backward
+    lets the router learn whether its choice should weigh more. Logits in float32, so that
+    autocast does not flip near-tied choices.
     """
 
     def __init__(self, dim, num_choices):
@@ -237,7 +236,7 @@ class Router(nn.Module):
             logits = F.linear(_fp32(x), _fp32(self.weight))    # X_i R              (B, N, n)
         c = logits.argmax(dim=-1)                               # hard choice        (B, N)
         p = logits.softmax(dim=-1).gather(-1, c[..., None]).squeeze(-1)  # its probability (B, N)
-        return c, 1 + p - p.detach()
+        return c, 1 + p - p.detach()                            # choice (README item 2): gate 1 + p_i - stopgrad(p_i)
 
 
 class DynamicProjection(nn.Module):
@@ -252,6 +251,7 @@ class DynamicProjection(nn.Module):
     def __init__(self, dim, num_projectors):
         super().__init__()
         _check_count("num_projectors", num_projectors)
+        # choice (README item 1): C x C projectors, one choice per token for all heads
         self.projectors = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(num_projectors))  # W^1..W^{n_P}
         self.router = Router(dim, num_projectors) if num_projectors > 1 else None                        # R^P
 
@@ -276,17 +276,9 @@ class DynamicMeasureKernel(nn.Module):
 
         phi(t_i) = phi_{g_{c_i}}(t_i),   c_i = argmax_c (X_i R^K)_c,   g_c = 1 + softplus(theta_c) >= 1.
 
-    # choice: the exponent chosen for token i applies to t_i and to its redundancy t'_i (the
-    # abstract: the redundancy is "produced by the dynamic measure kernel").
-    # choice: one choice per token, shared by the heads; the router reads X_i (as in design (i)).
-    # What a kernel is assigned to (token, head, or token and head) and from what is not public;
-    # the [C] source routes per head on head features.
-    # choice: initial exponents spread evenly over [1.5, 4.5] (mean 3.0, FLatten's focusing factor),
-    # not all 3.0 as in the [C] source. With identical exponents every choice computes the same
-    # kernel: through its gate the router still gets a gradient (how much the chosen phi should
-    # weigh), but none about which exponent suits a token until the exponents drift apart; under a
-    # softmax-weighted straight-through estimator it gets exactly none. n_K = 1: one exponent, 3.0.
-    dynamic=False is the static ReLU kernel of LiT (exponents == [1], no router).
+    The exponent chosen for token i applies to t_i and to its redundancy t'_i. n_K = 1: one
+    learnable exponent, 3.0 at first. dynamic=False is the static ReLU kernel of LiT
+    (exponents == [1], no router).
     """
 
     def __init__(self, dim, num_kernels, dynamic=True):
@@ -296,6 +288,9 @@ class DynamicMeasureKernel(nn.Module):
         if not dynamic:
             self.register_buffer("relu_exponent", torch.ones(1), persistent=False)  # (1,): phi_1 = relu
             return
+        # choice (README item 3): initial exponents spread evenly over [1.5, 4.5] (mean 3.0, FLatten's
+        # focusing factor), not all 3.0: with identical exponents every choice computes the same
+        # kernel, and the router learns nothing about which exponent suits a token
         g = torch.linspace(1.5, 4.5, num_kernels) if num_kernels > 1 else torch.tensor([3.0])
         self.theta = nn.Parameter(torch.log(torch.expm1(g - 1)))  # softplus^-1(g - 1)   (n_K,)
         self.router = Router(dim, num_kernels) if num_kernels > 1 else None  # R^K
@@ -315,11 +310,12 @@ class DynamicMeasureKernel(nn.Module):
             g, gate = self.exponents, 1.0
         else:
             c, gate = self.router(x)                            # (B, N) kernel per token, straight-through gate
-            g = self.exponents[c][:, None, :, None]             # g_{c_i}, shared by the heads  (B, 1, N, 1)
+            # choice (README item 4): one exponent per token, shared by the heads, routed from X_i
+            g = self.exponents[c][:, None, :, None]             # g_{c_i}  (B, 1, N, 1)
             gate = gate[:, None, :, None]                       # (B, 1, N, 1)
-        # choice: the gate multiplies phi(t_i) only. A scale on a whole query's features cancels in
-        # the normaliser, so on phi(t_i) and phi(t'_i) alike the query side's router would get no
-        # gradient; on phi(t_i) alone it learns through the difference (iii).
+        # choice (README item 6): the gate multiplies phi(t_i) only. A scale on a whole query's features
+        # cancels in the normaliser, so on phi(t_i) and phi(t'_i) alike the query side's router would
+        # get no gradient; on phi(t_i) alone it learns through the difference (iii).
         return focused_kernel(t, g) * gate, None if t_r is None else focused_kernel(t_r, g)
 
 
@@ -330,19 +326,16 @@ class TokenDifferential(nn.Module):
         q~_i = relu( phi(q_i) - lambda^Q_i phi(q'_i) ),   lambda^Q_i = Lambda^Q_{c_i},  c_i = argmax_c (X_i R^D_Q)_c
         k~_j = relu( phi(k_j) - lambda^K_j phi(k'_j) ),   likewise with its own bank Lambda^K and router R^D_K
 
-    Lambda^Q, Lambda^K: banks of n_D learnable values (n_D = 1: one value, no router).
-    # choice: the routers read X_i (as in designs (i) and (ii)); the values are unconstrained
-    # (as in the [C] source); initial values spread evenly over [0.1, 0.9] (0.5 for n_D = 1), so
-    # that every choice subtracts a different share of the redundancy from the start.
-    # choice: the outer relu keeps q~, k~ non-negative, so (with the normaliser) every attention
-    # row stays a probability distribution: the attention maps and entropies need that. (The [C]
-    # source has neither: its keys are a handful of text tokens. Differential Transformer
-    # subtracts attention maps, A1 - lambda A2; here tokens, before the product: O(N) stays.)
+    Lambda^Q, Lambda^K: banks of n_D learnable values, unconstrained (n_D = 1: one value, no
+    router). Differential Transformer subtracts attention maps, A1 - lambda A2; here tokens,
+    before the product, so attention stays O(N).
     """
 
     def __init__(self, dim, num_lambdas):
         super().__init__()
         _check_count("num_lambdas", num_lambdas)
+        # choice (README item 7): initial values spread evenly over [0.1, 0.9] (0.5 for n_D = 1), so that
+        # every choice subtracts a different share of the redundancy from the start; routers read X_i
         init = torch.linspace(0.1, 0.9, num_lambdas) if num_lambdas > 1 else torch.tensor([0.5])
         self.lambda_q = nn.Parameter(init.clone())              # Lambda^Q  (n_D,)
         self.lambda_k = nn.Parameter(init.clone())              # Lambda^K  (n_D,)
@@ -361,6 +354,8 @@ class TokenDifferential(nn.Module):
         """q~, k~ from phi(Q), phi(Q'), phi(K), phi(K'): (B, h, N, d) each; x: (B, N, C) tokens."""
         lam_q = self.choose(self.lambda_q, self.router_q, x)    # lambda^Q_i
         lam_k = self.choose(self.lambda_k, self.router_k, x)    # lambda^K_j
+        # choice (README item 8): the outer relu keeps q~, k~ non-negative, so (with the normaliser)
+        # every attention row stays a probability distribution, which the maps and entropies need
         return F.relu(phi_q - lam_q * phi_q_r), F.relu(phi_k - lam_k * phi_k_r)
 
 
@@ -377,12 +372,13 @@ class DyDiLA(LinearAttention):
         (k~_j likewise, with its own projectors, routers, exponents and lambdas)
         O_i  = q~_i^T (sum_j k~_j v_j^T) / (q~_i^T sum_j k~_j + eps)  +  DWC(V)_i
 
-    # choice: the ablation switches: dynamic_projection=False uses one static projector for
-    # Q', K'; dynamic_kernel=False uses the ReLU kernel; token_differential=False drops Q', K'
-    # altogether (so dynamic_projection has nothing to act on). All three off is exactly
-    # LinearAttention (same weights, same output).
+    Ablation switches: dynamic_projection=False uses one static projector for Q', K';
+    dynamic_kernel=False the ReLU kernel; token_differential=False drops Q', K' altogether (so
+    dynamic_projection has nothing to act on). All three off is exactly LinearAttention (same
+    weights, same output).
     """
 
+    # choice (README item 9): n_P = 3, n_K = n_D = 9, the [C] source's "Small" setting
     def __init__(self, dim, num_heads, num_projectors=3, num_kernels=9, num_lambdas=9,
                  dynamic_projection=True, dynamic_kernel=True, token_differential=True,
                  dwc_kernel_size=5, eps=1e-6):
@@ -392,7 +388,7 @@ class DyDiLA(LinearAttention):
         self.kernel_q = DynamicMeasureKernel(dim, num_kernels, dynamic_kernel)  # (ii), query side
         self.kernel_k = DynamicMeasureKernel(dim, num_kernels, dynamic_kernel)  # (ii), key side
         self.redundancy_q = self.redundancy_k = self.differential = None
-        if token_differential:
+        if token_differential:                                  # choice (README item 10): what each switch turns off
             n_P = num_projectors if dynamic_projection else 1
             self.redundancy_q = DynamicProjection(dim, n_P)     # (i)   Q' = X W_Q^{u}
             self.redundancy_k = DynamicProjection(dim, n_P)     # (i)   K' = X W_K^{v}
@@ -407,6 +403,7 @@ class DyDiLA(LinearAttention):
         if self.differential is not None:                       # (i) redundancy
             q_r = _split_heads(self.redundancy_q(x), h)         # Q'_i = X_i W_Q^{u_i}  (B, h, N, d)
             k_r = _split_heads(self.redundancy_k(x), h)         # K'_j = X_j W_K^{v_j}  (B, h, N, d)
+        # choice (README item 5): the redundancy goes through its token's kernel
         phi_q, phi_q_r = self.kernel_q(x, q, q_r)               # (ii) kernel: phi_{g_i} on q_i and q'_i
         phi_k, phi_k_r = self.kernel_k(x, k, k_r)               #      and on k_j and k'_j
         q_t, k_t = phi_q, phi_k
@@ -462,11 +459,10 @@ def sincos_pos_embed(dim, H, W):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """DiT's sinusoidal timestep embedding (TimestepEmbedder), of t in [0, 1] (float32, (B, dim)).
-    # choice: t is scaled by 1000, DiT's step range, so DDPM's steps k / 1000 embed as DiT's k."""
+    """DiT's sinusoidal timestep embedding (TimestepEmbedder), of t in [0, 1] (float32, (B, dim))."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    s = 1000 * t.float()                                        # (B,)
+    s = 1000 * t.float()                                        # choice (README item 12): DiT's step range  (B,)
     # k / 1000 in float32, times 1000, can miss the integer k by half an ulp (k = 3, 6, ...):
     # snap to an integer within an ulp, below float32's own rounding of the product for any t
     near = s.round()
@@ -525,6 +521,7 @@ class DyDiLiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, *self.hw)[None], persistent=False)  # (1, N, C)
         self.t_embedder = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # id num_classes = null class (guidance)
+        # choice (README item 11): DyDi-LiT is DiT's backbone with DyDiLA as its attention
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, attn, attn_kwargs or {}) for _ in range(depth))
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
@@ -690,7 +687,7 @@ class DDPM:
             if sampler == "ddim":                               # DDIM, eta = 0: deterministic
                 x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
             else:                                               # DDPM posterior q(x_{t-1} | x_t, x0)
-                # choice: the fixed variance is the posterior's beta~ (DDPM's "sigma^2 = beta~" option)
+                # choice (README item 13): the fixed variance is the posterior's beta~ (DDPM's "sigma^2 = beta~")
                 beta = 1 - a / a_prev
                 mean = (math.sqrt(a_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - a_prev) * x) / (1 - a)
                 var = beta * (1 - a_prev) / (1 - a)
@@ -716,7 +713,7 @@ class FlowMatching:
         """Per-sample MSE on the velocity (B,) and the time t in [0, 1] (B,)."""
         if t is None:
             n = torch.randn(x0.shape[0], device=x0.device)
-            # choice: t ~ logit-normal(0, 1) by default (SD3, minRF); the paper's objective is not public
+            # choice (README item 13): t ~ logit-normal(0, 1) by default (SD3, minRF)
             t = torch.sigmoid(n) if self.t_sampling == "logit-normal" else torch.rand_like(n)
         noise = torch.randn_like(x0) if noise is None else noise
         v = model(self.interpolate(x0, t, noise), t, y)

@@ -6,6 +6,8 @@ The scripts' tests are in tests/ (`python -m pytest -q` runs both; `-m "not slow
 import copy
 import itertools
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -591,3 +593,22 @@ def test_training_step_skips_a_non_finite_update():
     out = D.training_step(model, D.FlowMatching(), opt, torch.nan_to_num(x), y)
     assert not out["skipped"] and torch.isfinite(out["loss"])
     assert any(not torch.equal(p, before[n]) for n, p in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------
+# The interpretations: every marker has its README item, every item its marker
+# ---------------------------------------------------------------------------------------
+
+def test_every_interpretation_is_marked_in_the_code_and_listed_in_the_readme():
+    root = Path(__file__).resolve().parent
+    section = (root / "README.md").read_text().split("## Where this implementation interprets the paper")[1].split("\n## ")[0]
+    items = [int(n) for n in re.findall(r"^(\d+)\. \*\*", section, re.M)]
+    assert items == list(range(1, len(items) + 1)) and len(items) >= 10
+    marked = set()
+    for path in [root / "dydilit.py", root / "train_tiny.py", *sorted((root / "training").glob("*.py"))]:
+        text = path.read_text()
+        bad = re.findall(r"#\s*choice\b(?! \(README item \d+\): ).*", text)   # one form of marker
+        assert not bad, f"{path.name}: a marker not of the form '# choice (README item n): ': {bad}"
+        marked |= {int(n) for n in re.findall(r"# choice \(README item (\d+)\): ", text)}
+    assert marked == set(items), f"items without a marker: {set(items) - marked}; markers without an item: {marked - set(items)}"
+

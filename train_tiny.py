@@ -108,13 +108,14 @@ def train(args):
             out.mkdir(parents=True, exist_ok=True)
             (out / "classes.txt").write_text("\n".join(data.classes) + "\n")
             (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-        quality = None                                    # built at the first scoring (classifier, FID reference)
+        quality, saved_at = None, None                    # quality: built at the first scoring (classifier, FID reference)
         bar = tqdm(total=args.steps, initial=step, disable=not main, dynamic_ncols=True)
 
         def evaluate(step, checkpoint=True, score=False, grid=None):
             """Rank 0: the checkpoint first (a signal after it loses nothing), then, each ended at once
             by a signal: validation, sample quality, a sample grid. Then every rank goes on together."""
-            nonlocal quality
+            nonlocal quality, saved_at
+            saved_at = step if checkpoint else saved_at
             if main:
                 if checkpoint:
                     save_checkpoint(ckpt_path, raw, ema, opt, step, vars(args), data.classes)
@@ -156,7 +157,7 @@ def train(args):
                     group["lr"] = lr
                 x0, y = batches.get(step)
                 stats = D.training_step(model, objective, opt, x0, y, grad_clip=args.grad_clip, amp_dtype=amp_dtype)
-                # choice (README item 13): the EMA decay ramps up as (1 + step) / (10 + step) until --ema-decay
+                # choice (README item 15): the EMA decay ramps up as (1 + step) / (10 + step) until --ema-decay
                 D.update_ema(ema, raw, decay=min(args.ema_decay, (1 + step) / (10 + step)))
                 step += 1
                 bar.update(1)
@@ -181,8 +182,8 @@ def train(args):
             bar.close()
 
         # --- the end: checkpoint, validation; sample quality and a grid unless interrupted -------
-        if len(stop.signals) < 2:
-            final_grid = not stop.signals and args.steps >= args.sample_every
+        final_grid = not stop.signals and args.steps >= args.sample_every
+        if len(stop.signals) < 2 and not (stop.signals and saved_at == step):   # not twice after an interrupted evaluation
             evaluate(step, score=n_metric > 0 and not stop.signals, grid=final_grid and "samples_final.png")
     if ddp:
         dist.destroy_process_group()
@@ -242,7 +243,7 @@ def sample_from(args):
     if args.npz:                                        # the ADM evaluation suite's format
         images, labels = generate(model, objective, args.num_samples, len(ckpt["classes"]), old.channels, old.image_size,
                                   device, args.cfg_scale, args.sample_steps, sampler, amp)
-        images = images.expand(-1, 3, -1, -1)           # choice (README item 14): grey as RGB, which the suite's Inception expects
+        images = images.expand(-1, 3, -1, -1)           # choice (README item 16): grey as RGB, which the suite's Inception expects
         with atomic_write(args.npz) as tmp, open(tmp, "wb") as f:   # a file object: np.savez adds no .npz suffix
             np.savez(f, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy(), arr_1=labels.numpy())  # (N, S, S, 3) uint8
         print(f"wrote {args.npz}: arr_0 {(len(images), old.image_size, old.image_size, 3)} uint8, arr_1 labels ({what})")
@@ -280,7 +281,7 @@ def get_parser():
     g.add_argument("--no-dynamic-projection", action="store_true", help="DyDiLA ablation: one static projector for Q', K'")
     g.add_argument("--no-dynamic-kernel", action="store_true", help="DyDiLA ablation: the plain ReLU kernel for every token")
     g.add_argument("--no-token-differential", action="store_true", help="DyDiLA ablation: no redundancy subtracted")
-    g.add_argument("--objective", default="flow", choices=["flow", "ddpm"], help="rectified flow or DDPM (epsilon)")
+    g.add_argument("--objective", default="flow", choices=["flow", "ddpm"], help="rectified flow or DDPM (epsilon)")  # choice (README item 14): flow
     g.add_argument("--ddpm-schedule", default="linear", choices=["linear", "cosine"], help="DDPM noise schedule")
     g = p.add_argument_group("training (the defaults of --model, --steps and --batch-size are sized for one GPU)")
     g.add_argument("--steps", type=int, default=10000, help="total optimiser steps")

@@ -96,6 +96,19 @@ def test_nothing_of_the_metrics_is_built_before_the_first_step(tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_scoring_changes_no_weights(tmp_path, monkeypatch):
+    """The metric classifier's init and training, sampling and scoring draw no random numbers of the run's."""
+    monkeypatch.setattr(TQ, "CNN_STEPS", 5)
+    argv = [*TINY, "--steps", "4", "--eval-every", "2", "--cache-dir", str(tmp_path / "cache")]
+    assert T.main([*argv, "--fid-samples", "8", "--out-dir", str(tmp_path / "scored")]) == 0
+    assert T.main([*argv, "--out-dir", str(tmp_path / "plain")]) == 0
+    scored, plain = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("scored", "plain"))
+    assert [r["step"] for r in log_rows(tmp_path / "scored") if "fd_cnn" in r] == [2, 4]
+    for name, w in plain["model"].items():
+        assert torch.equal(scored["model"][name], w), name
+
+
+@pytest.mark.slow
 def test_interrupt_then_resume_matches_uninterrupted_run(tmp_path):
     args = [*TINY, "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000", "--steps", "30",
             "--warmup", "1", "--lr", "1e-3"]                 # the weights move fast: any divergence shows

@@ -10,7 +10,6 @@ Writes ablation.png (and ablation_samples.png, each row's first run's final EMA 
 """
 
 import argparse
-import json
 import math
 import statistics
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ import visualize as V                                             # noqa: E402
 from training.data import to_float                                # noqa: E402
 from training.evaluation import default_sampler, generate, load_run, pyplot   # noqa: E402
 from training.quality import SampleQuality, describe, load_inception          # noqa: E402
-from training.run import HelpFormatter, UserError, check_writable, cli        # noqa: E402
+from training.run import HelpFormatter, UserError, check_writable, cli, read_log   # noqa: E402
 
 
 def run_label(a):
@@ -49,7 +48,7 @@ def ablation(args, out):
         log = Path(path).parent / "log.jsonl"
         if not log.exists():
             raise UserError(f"{log} is missing: tools/ablation.py reads each run's log next to its checkpoint")
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        records = read_log(log)
         if run_label(a) not in rows:
             firsts.append((run_label(a), path))
         rows.setdefault(run_label(a), []).append((a, model, objective, records))

@@ -65,17 +65,14 @@ def load_cifar10(data_dir, explicit=True):
     folder, tarball = data_dir / "cifar-10-batches-py", data_dir / "cifar-10-python.tar.gz"
     if not folder.is_dir():
         if not tarball.exists():
-            data_dir.mkdir(parents=True, exist_ok=True)
-            part = tarball.with_suffix(".part")
             print(f"downloading CIFAR-10 to {tarball} ...")
             try:
-                urllib.request.urlretrieve(CIFAR10_URL, part)
+                with atomic_write(tarball) as part:             # a failed or stopped download leaves nothing behind
+                    urllib.request.urlretrieve(CIFAR10_URL, part)
             except OSError as e:
-                part.unlink(missing_ok=True)
                 raise UserError(f"cannot download CIFAR-10 ({e.__class__.__name__}: {e}); without network, put "
                                 f"cifar-10-python.tar.gz (from {CIFAR10_URL}) or its extracted cifar-10-batches-py "
                                 f"folder into {data_dir}/") from None
-            part.rename(tarball)
         digest = file_digest(tarball)
         if digest != CIFAR10_MD5:
             raise UserError(f"{tarball} has MD5 {digest}, expected {CIFAR10_MD5}: the file is corrupt or not "

@@ -93,15 +93,15 @@ def metric_classifier(data, dataset, cache_dir, device):
     (seeded), then read from cache_dir. Returns (cnn, (mu, cov) of the training set's features,
     held-out accuracy)."""
     x, y = data.train_x, data.train_y
-    key = data_key("metric-cnn-v1", dataset, CNN_STEPS, CNN_BATCH, CNN_LR, len(data.classes), images=x)
+    key = data_key("metric-cnn-v2", dataset, CNN_STEPS, CNN_BATCH, CNN_LR, len(data.classes), images=x)
     path = cache_dir / f"metric-cnn-{dataset}-{x.shape[-1]}px-{len(x)}-{key}.pt"
-    cnn = MetricCNN(x.shape[1], len(data.classes)).to(device)
-    saved = read_cache(path, "metric classifier")
-    if saved is not None:
-        cnn.load_state_dict(saved["cnn"])
-        return cnn, (saved["mu"].numpy(), saved["cov"].numpy()), saved["acc"]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):                   # the training run's random numbers stay untouched
         torch.manual_seed(0)
+        cnn = MetricCNN(x.shape[1], len(data.classes)).to(device)
+        saved = read_cache(path, "metric classifier")
+        if saved is not None:
+            cnn.load_state_dict(saved["cnn"])
+            return cnn, (saved["mu"].numpy(), saved["cov"].numpy()), saved["acc"]
         g = torch.Generator().manual_seed(0)
         opt = torch.optim.AdamW(cnn.parameters(), lr=CNN_LR)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, CNN_LR, total_steps=CNN_STEPS)

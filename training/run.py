@@ -268,7 +268,7 @@ class GracefulStop:
 
     def training(self):
         """From here a first signal waits for the end of the step."""
-        self.urgent = False
+        self.urgent, self.note = False, "at once: the last checkpoint stays"
 
     @contextmanager
     def at_once(self):
