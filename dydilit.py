@@ -592,12 +592,19 @@ class DyDiLiT(nn.Module):
         return self.unpatchify(x)                               # (B, c, S, S)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance in one batched pass over [y; null]: uncond + s (cond - uncond),
-        on all channels (unlike DiT, which guides 3 of 4). x, t, y: the conditional batch."""
-        null = torch.full_like(y, self.num_classes)
-        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, c, S, S)
-        cond, uncond = out.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+        """Classifier-free guidance: see guided_prediction."""
+        return guided_prediction(self, x, t, y, cfg_scale)
+
+
+def guided_prediction(model, x, t, y, cfg_scale):
+    """Classifier-free guidance in one batched pass over [y; null]: uncond + s (cond - uncond),
+    on all channels (unlike DiT, which guides 3 of 4). x, t, y: the conditional batch. It calls
+    model(...), so a torch.compile'd model runs compiled (its forward_with_cfg would not: an
+    attribute of the compiled wrapper is the plain module's)."""
+    null = torch.full_like(y, model.num_classes)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))   # (2B, c, S, S)
+    cond, uncond = out.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
 
 
 # DiT's naming and sizes (DiT-S, DiT-B; T is a tiny 6-layer model for one-GPU runs).
@@ -624,7 +631,7 @@ def _check_steps(steps):
 
 
 def _predict(model, x, t, y, cfg_scale):
-    return model(x, t, y) if cfg_scale == 1 else model.forward_with_cfg(x, t, y, cfg_scale)
+    return model(x, t, y) if cfg_scale == 1 else guided_prediction(model, x, t, y, cfg_scale)
 
 
 class DDPM:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
 import dydilit as D
@@ -254,6 +255,65 @@ def test_whole_model_compiles_as_one_graph_with_the_same_values_and_gradients():
     got = torch.autograd.grad(compiled(x, t, y).square().sum(), list(model.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.fixture
+def scalar_inductor(monkeypatch):
+    """Inductor's CPU code generator without SIMD: the same lowering and fusion a GPU user's
+    Inductor does (only the last step, C++ here and Triton there, differs), compiled in about
+    two thirds of the time on 2 cores."""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", 1)
+    torch._dynamo.reset()
+
+
+def tiny_model(attn, seed=0):
+    """A one-block DyDi-LiT on 8 x 8 inputs (16 tokens), not adaLN-zero (the attention shows in the
+    output), without label dropout (Inductor draws random numbers differently from eager)."""
+    torch.manual_seed(seed)
+    model = D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4, attn=attn, class_dropout_prob=0.0)
+    for w in [model.final_linear.weight] + [b.adaLN_modulation[1].weight for b in model.blocks]:
+        torch.nn.init.normal_(w, std=0.1)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["dydila", "linear"])
+def test_inductor_forward_and_backward_match_eager_in_float32_and_bf16(attn, scalar_inductor):
+    """The compiler a GPU user gets (Inductor; here its CPU code generator), one graph. float32:
+    the loss and every gradient agree to 1e-4 of their scale (Inductor fuses and reorders float32
+    sums). bf16 autocast: a near-tied hard routing choice can flip between two roundings of the same
+    input, so the gradients are compared by direction (cosine) and the loss to bf16's precision."""
+    model = tiny_model(attn)
+    x, t, y = batch(model, B=4)
+    params = list(model.parameters())
+    compiled = torch.compile(model, fullgraph=True)
+
+    def loss_and_grads(m, amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = m(x, t, y).float().square().mean()
+        return loss, torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    (loss_c, grad_c), (loss_e, grad_e) = loss_and_grads(compiled, False), loss_and_grads(model, False)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=0)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-4 * grad_e.abs().max().item())
+    (loss_c, grad_c), (loss_e, grad_e) = loss_and_grads(compiled, True), loss_and_grads(model, True)
+    assert abs(loss_c - loss_e) <= 1e-2 * loss_e
+    assert F.cosine_similarity(grad_c, grad_e, dim=0) > 0.999
+
+
+@pytest.mark.slow
+def test_sampling_with_a_compiled_model_runs_compiled_and_compiles_at_most_twice(scalar_inductor):
+    """Guidance doubles the batch inside the sampler, whose loop stays eager: a compiled model is
+    called with the same shapes at every step, so a whole sampling run compiles once or twice."""
+    model = tiny_model("dydila").eval()
+    compiled = torch.compile(model)
+    y = torch.tensor([0, 1, 2])
+    counters.clear()
+    got = D.FlowMatching().sample(compiled, (3, 3, 8, 8), y, steps=8, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    want = D.FlowMatching().sample(model, (3, 3, 8, 8), y, steps=8, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_no_quadratic_memory_at_65536_tokens():

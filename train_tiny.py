@@ -88,11 +88,11 @@ def train(args):
             step = 0
             torch.manual_seed(args.seed + rank)           # noise and label dropout differ across ranks
             D.update_ema(ema, raw, decay=0)               # DiT: the EMA starts as a copy
-        model = raw
-        if device.type == "cuda" if args.compile is None else args.compile:
+        model, sampling_model = raw, ema
+        if compiles(args, device):                        # the EMA too: samples come from it (the sampler's loop stays eager)
             if main:
                 print("compiling the model (the first step takes a minute or more; --no-compile runs eager)")
-            model = torch.compile(model)
+            model, sampling_model = torch.compile(raw), torch.compile(ema)
         if ddp:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         objective = build_objective(args.objective, args.ddpm_schedule)
@@ -134,14 +134,14 @@ def train(args):
                             real = {f"real_{k}": v for k, v in quality.real().items() if k != "metric_samples"}
                             log.write(step, **real, metric_samples=n_metric)
                             bar.write(f"held-out real images: {describe({**real, 'metric_samples': n_metric}, 'real_')}")
-                        scores = quality.score(*generate(ema, objective, n_metric, args.num_classes, args.channels,
+                        scores = quality.score(*generate(sampling_model, objective, n_metric, args.num_classes, args.channels,
                                                          args.image_size, device, args.cfg_scale, args.sample_steps,
                                                          sampler, amp))
                         log.write(step, **scores)
                         plot_losses(log.path, out / "loss.png")
                         bar.write(f"step {step}: EMA samples: {describe(scores)}")
                     if grid:
-                        sample_grid(ema, objective, data.classes, args.channels, args.image_size, device, out / grid,
+                        sample_grid(sampling_model, objective, data.classes, args.channels, args.image_size, device, out / grid,
                                     args.cfg_scale, args.sample_steps, sampler, amp)
             if ddp:
                 dist.barrier()
@@ -219,6 +219,11 @@ def resume(path, args, model, ema, opt, device):
     return ckpt["step"]
 
 
+def compiles(args, device):
+    """--compile as given; by default on with CUDA."""
+    return device.type == "cuda" if args.compile is None else args.compile
+
+
 def get_lr(step, lr, warmup):
     # 1) linear warmup for `warmup` steps, 2) then constant (DiT trains at a constant rate)
     return lr * min(1.0, (step + 1) / max(1, warmup))
@@ -238,6 +243,7 @@ def sample_from(args):
     sampler = args.sampler or default_sampler(old.objective)
     device = pick_device()
     model = model.to(device)
+    model = torch.compile(model) if compiles(args, device) else model
     amp, _, _ = precision_context(args.precision, device)
     what = f"step {ckpt['step']}, cfg {args.cfg_scale}, {args.sample_steps} {sampler} steps"
     if args.npz:                                        # the ADM evaluation suite's format
@@ -293,9 +299,9 @@ def get_parser():
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and noise")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast + TF32 on CUDA, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (checkpoints keep the raw module). Default: on with CUDA, where it "
-                        "fuses DyDiLA's many small elementwise passes (the first step then compiles for a minute or more); "
-                        "off elsewhere")
+                   help="torch.compile the model and the EMA copy that samples (checkpoints keep the raw modules; "
+                        "--sample-from compiles too). Default: on with CUDA, where it fuses DyDiLA's many small elementwise "
+                        "passes (the first step then compiles for a minute or more); off elsewhere")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/tiny", help="checkpoint ckpt.pt, log.jsonl, sample grids, loss.png")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir (same flags)")

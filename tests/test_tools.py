@@ -12,7 +12,7 @@ import torch
 
 import training.quality as TQ
 import visualize as V
-from tools import ablation, bench
+from tools import ablation, bench, gpu_check
 
 
 @pytest.mark.slow
@@ -69,3 +69,24 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys):
         assert bench.main(["--out-dir", str(tmp_path), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_section_and_writes_its_tables(tmp_path, capsys):
+    assert gpu_check.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "gpu_check.md").read_text()
+    for row in ("DiT", "LiT", "DyDi-LiT"):
+        assert f"| {row} | " in md
+    assert "DyDi-LiT / LiT training step: " in md and "| 64 | " in md and "| 256 | " in md
+    assert "exit 0, checkpoint written" in md and "python tools/gpu_check.py" in md
+    rows = list(csv.DictReader(open(tmp_path / "gpu_check.csv")))
+    assert {r["section"] for r in rows} == {"training step", "sampling", "attention", "command line"}
+    assert all(math.isfinite(float(r["value"])) and float(r["value"]) >= 0 for r in rows if r["metric"] != "peak GiB")
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert gpu_check.main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no CUDA GPU: this check measures one") and err.count("\n") == 1

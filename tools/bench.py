@@ -27,12 +27,13 @@ from training.evaluation import pyplot                            # noqa: E402
 from training.run import HelpFormatter, UserError, check_writable, cli, pick_device   # noqa: E402
 
 
-def measure(modules, x, hw, repeats, device, graphs=False):
+def measure(modules, x, hw, repeats, device, graphs=False, min_seconds=3.0):
     """Forward+backward seconds (median), peak memory in MiB (CUDA: allocator peak over the
     call; CPU: bytes of the distinct tensors autograd saves for backward, the activation memory) and the per-round
     seconds of each module on x.
     The modules take turns, one call each per round, so that a shared machine's slow spells
-    fall on all of them alike. graphs (CUDA): time a CUDA-graph replay of the forward+backward
+    fall on all of them alike: at least `repeats` rounds, and more, up to min_seconds (and 100
+    rounds), where they are fast. graphs (CUDA): time a CUDA-graph replay of the forward+backward
     instead, the same kernels without Python, dispatcher or launch overhead: the GPU's own time."""
     saved = {}                                                  # storage -> bytes: a tensor saved twice counts once
 
@@ -86,7 +87,7 @@ def measure(modules, x, hw, repeats, device, graphs=False):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     rounds, start = 0, time.perf_counter()
-    while rounds < repeats or (time.perf_counter() - start < 3 and rounds < 100):  # fast points: ~3 s of rounds
+    while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < 100):  # fast points: more rounds
         for kind in times:
             if rounds == 0 or times[kind][0] < 5:               # a slow point: one timed run is enough
                 times[kind].append(run[kind]()[0])
