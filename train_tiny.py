@@ -27,17 +27,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dydilit as D
-from training.data import DATASETS, DEBIAN_FASHION_DIR, Batches, load_data
+from training.data import DATASETS, DEBIAN_FASHION_DIR, PROBES, Batches, load_data
 from training.evaluation import (VAL_TIMES, build_model, build_objective, default_sampler, generate, load_run,
                                  plot_losses, sample_grid, validation_loss)
-from training.quality import SampleQuality, describe, load_inception
+from training.quality import SampleQuality, copy_error, describe, load_inception
 from training.run import (GracefulStop, HelpFormatter, JsonLog, Meter, Stopped, UserError, atomic_write, check_writable,
                           cli, init_distributed, load_checkpoint, pick_device, precision_context, save_checkpoint)
 
 MAX_SKIPS_IN_A_ROW = 3                                  # non-finite steps in a row before the run stops
+COPY_SAMPLES = 100                                      # --probe copy: EMA samples whose copy error each evaluation logs
 GPU_SIZED = ("model", "steps", "batch_size")            # flags whose defaults are sized for one GPU
 # What a checkpoint's model and objective depend on: resuming with other values is an error.
-ARCH_KEYS = ("dataset", "model", "attn", "image_size", "num_classes", "objective", "ddpm_schedule",
+ARCH_KEYS = ("dataset", "probe", "model", "attn", "image_size", "num_classes", "objective", "ddpm_schedule",
              "no_dynamic_projection", "no_dynamic_kernel", "no_token_differential")
 CPU_RECIPE = ("python train_tiny.py --dataset fashion-mnist --model DyDiLiT-T/4 --batch-size 32 --steps 1200 "
               "--eval-every 400 --sample-every 600 --val-size 256 --sample-steps 20 --fid-samples 500")
@@ -63,7 +64,7 @@ def train(args):
 
         # --- data ---------------------------------------------------------------------------
         data = load_data(args.dataset, args.data_dir, args.image_size, args.num_classes, args.class_list, args.cache_dir,
-                         flip=not args.no_flip)
+                         flip=not args.no_flip, probe=args.probe)
         args.channels, args.num_classes = data.train_x.shape[1], len(data.classes)   # recorded in the checkpoint
         if main and args.val_size > len(data.val_x):
             print(f"note: --val-size {args.val_size} is more than the {len(data.val_x)} held-out images: validating on all of them")
@@ -111,9 +112,10 @@ def train(args):
         quality, saved_at = None, None                    # quality: built at the first scoring (classifier, FID reference)
         bar = tqdm(total=args.steps, initial=step, disable=not main, dynamic_ncols=True)
 
-        def evaluate(step, checkpoint=True, score=False, grid=None):
+        def evaluate(step, checkpoint=True, samples=False, grid=None):
             """Rank 0: the checkpoint first (a signal after it loses nothing), then, each ended at once
-            by a signal: validation, sample quality, a sample grid. Then every rank goes on together."""
+            by a signal: validation, the samples' scores (--fid-samples, --probe), a sample grid. Then
+            every rank goes on together."""
             nonlocal quality, saved_at
             saved_at = step if checkpoint else saved_at
             if main:
@@ -128,18 +130,25 @@ def train(args):
                         log.write(step, val_loss=val, val_loss_per_t=dict(zip(map(str, VAL_TIMES), per_t)))
                         plot_losses(log.path, out / "loss.png")
                         bar.write(f"step {step}: val loss {val:.4f}, checkpoint {ckpt_path}")
-                    if score:
-                        if quality is None:
-                            quality = SampleQuality(data, args.dataset, args.cache_dir, device, n_metric, inception)
-                            real = {f"real_{k}": v for k, v in quality.real().items() if k != "metric_samples"}
-                            log.write(step, **real, metric_samples=n_metric)
-                            bar.write(f"held-out real images: {describe({**real, 'metric_samples': n_metric}, 'real_')}")
-                        scores = quality.score(*generate(sampling_model, objective, n_metric, args.num_classes, args.channels,
-                                                         args.image_size, device, args.cfg_scale, args.sample_steps,
-                                                         sampler, amp))
-                        log.write(step, **scores)
+                    if samples and (n_metric or args.probe):
+                        images, labels = generate(sampling_model, objective, max(n_metric, COPY_SAMPLES * bool(args.probe)),
+                                                  args.num_classes, args.channels, args.image_size, device, args.cfg_scale,
+                                                  args.sample_steps, sampler, amp)
+                        if args.probe:
+                            error = copy_error(images, labels)
+                            log.write(step, copy_error=error, copy_samples=len(images))
+                            bar.write(f"step {step}: copy error of {len(images)} EMA samples {error:.3f} "
+                                      f"(0: exact copies, 1: independent halves)")
+                        if n_metric:
+                            if quality is None:
+                                quality = SampleQuality(data, args.dataset, args.cache_dir, device, n_metric, inception)
+                                real = {f"real_{k}": v for k, v in quality.real().items() if k != "metric_samples"}
+                                log.write(step, **real, metric_samples=n_metric)
+                                bar.write(f"held-out real images: {describe({**real, 'metric_samples': n_metric}, 'real_')}")
+                            scores = quality.score(images[:n_metric], labels[:n_metric])
+                            log.write(step, **scores)
+                            bar.write(f"step {step}: EMA samples: {describe(scores)}")
                         plot_losses(log.path, out / "loss.png")
-                        bar.write(f"step {step}: EMA samples: {describe(scores)}")
                     if grid:
                         sample_grid(sampling_model, objective, data.classes, args.channels, args.image_size, device, out / grid,
                                     args.cfg_scale, args.sample_steps, sampler, amp)
@@ -174,8 +183,7 @@ def train(args):
                 at_eval, at_grid = step % args.eval_every == 0, step % args.sample_every == 0
                 if (at_eval or at_grid) and step < args.steps:
                     with meter.paused():                  # img/s counts training time only
-                        evaluate(step, checkpoint=at_eval, score=at_eval and n_metric > 0,
-                                 grid=at_grid and f"samples_{step:07d}.png")
+                        evaluate(step, checkpoint=at_eval, samples=at_eval, grid=at_grid and f"samples_{step:07d}.png")
         except Stopped:                                   # a second signal during a step: the last checkpoint stays
             pass
         finally:
@@ -184,7 +192,7 @@ def train(args):
         # --- the end: checkpoint, validation; sample quality and a grid unless interrupted -------
         final_grid = not stop.signals and args.steps >= args.sample_every
         if len(stop.signals) < 2 and not (stop.signals and saved_at == step):   # not twice after an interrupted evaluation
-            evaluate(step, score=n_metric > 0 and not stop.signals, grid=final_grid and "samples_final.png")
+            evaluate(step, samples=not stop.signals, grid=final_grid and "samples_final.png")
     if ddp:
         dist.destroy_process_group()
     if stop.signals:
@@ -280,6 +288,9 @@ def get_parser():
     g.add_argument("--cache-dir", default="./data/cache", help="where decoded Sub-IN images, the metric classifier and "
                    "FID reference statistics are cached")
     g.add_argument("--no-flip", action="store_true", help="turn off the random horizontal flips (on for cifar10, subin)")
+    g.add_argument("--probe", default=None, choices=PROBES, help="copy: the copy probe of the dataset, every image [A; A] "
+                   "with A the image squashed to half its height, so each token's answer sits in one far key (its partner, "
+                   f"half the grid away); each evaluation logs the copy error of {COPY_SAMPLES} EMA samples")
     g.add_argument("--val-size", type=int, default=1000, help="held-out images used for the validation loss (at most all of them)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="DyDiLiT-S/2", choices=sorted(D.MODELS), help="preset (DiT's sizes; /2 and /4 are patch sizes)")
@@ -370,6 +381,9 @@ def check_args(args, gpu_defaults):
     if args.image_size % patch:
         raise UserError(f"image size {args.image_size} is not divisible by the patch size {patch} of {args.model}: "
                         f"use a multiple of {patch}")
+    if args.probe and (args.image_size // 2) % patch:
+        raise UserError(f"--probe copy needs the patch size {patch} to divide half the image, {args.image_size / 2:g} pixels, "
+                        f"so that each token has a partner: use an image size that is a multiple of {2 * patch}")
     check_writable(args.out_dir, "--out-dir")
     ckpt = Path(args.out_dir) / "ckpt.pt"
     if args.resume and not ckpt.exists():

@@ -11,6 +11,9 @@ tables: tools/ablation.py.
 Smoothness of one attention row a (a distribution over the N keys):
   normalised entropy  H(a) / log N   1 = uniform, the over-smoothed limit; 0 = all weight on one key
   top-5% mass         the weight on the 5% largest entries; 0.05 for a uniform row
+Retrieval, for runs of the copy probe (train_tiny.py --probe copy), where each token's content
+equals its partner's, the token half the grid below or above it:
+  partner mass        the weight on the partner key; 1/N for a uniform row, 1 for exact retrieval
 """
 
 import argparse
@@ -30,6 +33,7 @@ from training.run import HelpFormatter, UserError, check_writable, cli
 MECHANISMS = ("softmax", "linear", "dydila")
 LABELS = {"softmax": "softmax (DiT)", "linear": "linear (LiT)", "dydila": "DyDiLA (DyDi-LiT)"}
 QUERIES = ((3, 3), (8, 8), (4, 12), (12, 5))            # (row, col) on a 16 x 16 token grid; scaled to others
+PROBE_QUERIES = ((1, 3), (3, 12), (5, 7), (7, 1))       # the copy probe: queries in the top half
 
 
 # ----------------------------------------------------------------------------------------
@@ -51,6 +55,22 @@ def top_mass(A, frac=0.05):
     s = A.sum(-1)
     k = max(1, math.ceil(frac * A.shape[-1] - 1e-9))
     return (A.topk(k, dim=-1).values.sum(-1) / s).masked_fill(s == 0, float("nan"))
+
+
+def partners(hw):
+    """The copy probe's partner of each token: the same column, half the grid below or above. -> (N,)"""
+    H, W = hw
+    i = torch.arange(H * W)
+    return ((i // W + H // 2) % H) * W + i % W
+
+
+def partner_mass(A, hw):
+    """Share of each row's weight on its partner key, A (..., N, N) -> (..., N): 1/N for a uniform
+    row, 1 for a row that retrieves exactly its partner. Rows summing to 0 give nan."""
+    A = A.double()
+    s = A.sum(-1)
+    i = torch.arange(A.shape[-1])
+    return (A[..., i, partners(hw)] / s).masked_fill(s == 0, float("nan"))
 
 
 def summarise(A):
@@ -89,7 +109,8 @@ def run_data(a, data_dir):
     it if that folder still exists, else the default places."""
     if data_dir is None and a.data_dir is not None and Path(a.data_dir).is_dir():
         data_dir = a.data_dir
-    return load_data(a.dataset, data_dir, a.image_size, a.num_classes, a.class_list, a.cache_dir, flip=not a.no_flip)
+    return load_data(a.dataset, data_dir, a.image_size, a.num_classes, a.class_list, a.cache_dir, flip=not a.no_flip,
+                     probe=getattr(a, "probe", None))
 
 
 def held_out_index(index, data, name):
@@ -111,9 +132,9 @@ def image_tokens(img, width, patch=2, seed=0):
     return F.layer_norm(x, (width,))[None], (H, W)                       # (1, N, C)
 
 
-def scaled_queries(hw):
+def scaled_queries(hw, queries=QUERIES):
     H, W = hw
-    return [(min(H - 1, r * H // 16), min(W - 1, c * W // 16)) for r, c in QUERIES]
+    return [(min(H - 1, r * H // 16), min(W - 1, c * W // 16)) for r, c in queries]
 
 
 # ----------------------------------------------------------------------------------------
@@ -131,9 +152,9 @@ def show_image(ax, img, queries, patch, title):
     ax.axis("off")
 
 
-def attention_maps_figure(path, img, patch, queries, rows, hw, head, title):
+def attention_maps_figure(path, img, patch, queries, rows, hw, head, title, mark_partners=False):
     """rows: list of (label, A (1, h, N, N)). One figure row per label, one column per query;
-    one colour scale per row."""
+    one colour scale per row. mark_partners: circle each query's copy-probe partner key."""
     plt = pyplot()
     n = len(queries)
     fig, axes = plt.subplots(len(rows), n + 1, figsize=(2.2 * (n + 1) + 0.6, 2.2 * len(rows) + 0.4), squeeze=False,
@@ -149,10 +170,17 @@ def attention_maps_figure(path, img, patch, queries, rows, hw, head, title):
             im = ax.imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax)
             ax.plot(c, r, marker="s", mfc="none", mec=f"C{k}", ms=6, mew=1.5)
             ent = row_entropy(m.flatten()[None]).item()
-            ax.set_title(f"query {k + 1}: H/logN {ent:.2f}", fontsize=10)
+            heading = f"query {k + 1}: H/logN {ent:.2f}"
+            if mark_partners:
+                p = int(partners(hw)[r * hw[1] + c])
+                ax.plot(p % hw[1], p // hw[1], marker="o", mfc="none", mec="cyan", ms=9, mew=1.5)
+                heading = f"q{k + 1}: H/logN {ent:.2f}, partner {m.flatten()[p].item() / m.sum().item():.2f}"
+            ax.set_title(heading, fontsize=10 if not mark_partners else 9)
             ax.axis("off")
         fig.colorbar(im, ax=axes[i, -1], fraction=0.046, pad=0.04)
-    fig.suptitle(f"{title}: attention rows on the {hw[0]}x{hw[1]} token grid (head {head}); one colour scale per row", fontsize=12)
+    marks = "; circle: the partner key" if mark_partners else ""
+    fig.suptitle(f"{title}: attention rows on the {hw[0]}x{hw[1]} token grid (head {head}); one colour scale per row{marks}",
+                 fontsize=12)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -188,12 +216,14 @@ def smoothness_figure(path, results, title):
     plt.close(fig)
 
 
-def print_table(results):
-    print(f"{'mechanism':<34} {'H/logN mean':>11} {'median':>7} {'top-5% mass':>11} {'zero rows':>9}")
+def print_table(results, probe_hw=None):
+    """Smoothness of each (label, A); with probe_hw (the token grid of copy-probe runs) the partner mass too."""
+    print(f"{'mechanism':<34} {'H/logN mean':>11} {'median':>7} {'top-5% mass':>11} {'zero rows':>9}"
+          + (f" {'partner mass':>12}" if probe_hw else ""))
     for label, A in results:
         s = summarise(A)
         print(f"{label:<34} {s['entropy_mean']:>11.3f} {s['entropy_median']:>7.3f} {s['top5_mass_mean']:>11.3f} "
-              f"{s['zero_rows']:>4}/{s['rows']}")
+              f"{s['zero_rows']:>4}/{s['rows']}" + (f" {partner_mass(A, probe_hw).nanmean().item():>12.3f}" if probe_hw else ""))
 
 
 ROUTERS = {"proj": "projector", "kernel": "exponent g", "lambda": "λ"}   # the three designs' routers, per side
@@ -282,24 +312,31 @@ def untrained(args, out):
     return ["attention_maps.png", "attention_smoothness.png", "router_maps.png"]
 
 
-def captured_attention(model, objective, x0, y, t, layer, noise):
-    """Run the model on x_t and return the attention module of block `layer` and its input."""
+def layer_inputs(model, objective, x0, y, t, noise):
+    """Run the model on x_t; for every block, its attention module and that module's input."""
     if isinstance(objective, D.DDPM):
         steps = torch.full((1,), min(objective.num_timesteps - 1, round(t * objective.num_timesteps)))
         xt, tt = objective.q_sample(x0, steps, noise), steps.float() / objective.num_timesteps
     else:
         tt = torch.full((1,), float(t))
         xt = objective.interpolate(x0, tt, noise)
-    attn = model.blocks[layer].attn
-    seen = {}
+    seen = []
 
     def keep_input(module, inputs):                         # returns None: the inputs pass through unchanged
-        seen["x"] = inputs[0]
-    handle = attn.register_forward_pre_hook(keep_input)
+        seen.append((module, inputs[0]))
+    handles = [block.attn.register_forward_pre_hook(keep_input) for block in model.blocks]
     with torch.no_grad():
         model(xt, tt, y)
-    handle.remove()
-    return attn, seen["x"]
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def partner_mass_per_layer(model, objective, x0, y, t, noise):
+    """Mean partner mass of every layer's attention (all heads and rows) on a copy-probe image."""
+    with torch.no_grad():
+        return [partner_mass(attn.attention_matrix(x, model.hw), model.hw).nanmean().item()
+                for attn, x in layer_inputs(model, objective, x0, y, t, noise)]
 
 
 def from_checkpoints(args, out):
@@ -313,34 +350,41 @@ def from_checkpoints(args, out):
     img = to_float(data.val_x[i])
     x0, y = img[None], data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
-    maps, routers, parts = [], [], []
-    hw = None
+    maps, routers, parts, retrieval = [], [], [], []
+    hw, probe = None, getattr(first, "probe", None)
     for path, model, objective, a in runs:
-        if (a.dataset, a.image_size) != (first.dataset, first.image_size):
-            raise UserError(f"{path} was trained on {a.dataset} at {a.image_size}px, {args.ckpt[0]} on "
-                              f"{first.dataset} at {first.image_size}px: compare runs on the same data")
+        if (a.dataset, a.image_size, getattr(a, "probe", None)) != (first.dataset, first.image_size, probe):
+            raise UserError(f"{path} was trained on {a.dataset} at {a.image_size}px (probe {getattr(a, 'probe', None)}), "
+                            f"{args.ckpt[0]} on {first.dataset} at {first.image_size}px (probe {probe}): compare runs on "
+                            f"the same data")
         if not 0 <= args.layer < len(model.blocks):
             raise UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
         if not 0 <= args.head < model.blocks[0].attn.num_heads:
             raise UserError(f"--head {args.head} is out of range: {path} has heads 0..{model.blocks[0].attn.num_heads - 1}")
         name = f"{a.attn} ({Path(path).parent.name})"
         for t in args.t:
-            attn, x = captured_attention(model, objective, x0, y, t, args.layer, noise)
+            attn, x = layer_inputs(model, objective, x0, y, t, noise)[args.layer]
             hw = model.hw
+            if probe:
+                retrieval.append((f"{name} t={t:g}", partner_mass_per_layer(model, objective, x0, y, t, noise)))
             with torch.no_grad():
                 maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
                 if isinstance(attn, D.DyDiLA):
                     routers.append((f"{name} t={t:g}", attn, x, hw))
                     parts.append((Path(path).parent.name, t, attn.attention_parts(x, hw)))
     patch = first.image_size // hw[0]
-    queries = scaled_queries(hw)
+    queries = scaled_queries(hw, PROBE_QUERIES if probe else QUERIES)
     print(f"{len(runs)} checkpoint(s), layer {args.layer}, t = {args.t}, on {first.dataset} validation image {i} "
           f"({data.classes[int(y)]})")
     written = ["attention_maps.png", "attention_smoothness.png"]
     title = f"trained, layer {args.layer}"
-    attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, args.head, title)
+    attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, args.head, title, mark_partners=bool(probe))
     smoothness_figure(out / "attention_smoothness.png", maps, title)
-    print_table(maps)
+    print_table(maps, hw if probe else None)
+    if retrieval:
+        print(f"partner mass per layer, all heads and rows (uniform: 1/N = {1 / (hw[0] * hw[1]):.3f}; exact retrieval: 1):")
+        for label, per_layer in retrieval:
+            print(f"{label:<34} " + " ".join(f"{v:.3f}" for v in per_layer) + f"   mean {sum(per_layer) / len(per_layer):.3f}")
     if routers:
         router_figure(out / "router_maps.png", img, patch, routers)
         written.append("router_maps.png")

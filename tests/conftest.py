@@ -49,6 +49,21 @@ def tiny_runs(tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope="session")
+def probe_runs(tmp_path_factory):
+    """Two finished copy-probe runs of 2 steps, LiT and DyDi-LiT: {attn: checkpoint path}."""
+    root = tmp_path_factory.mktemp("probe_runs")
+    runs, cwd = {}, os.getcwd()
+    os.chdir(root)
+    try:
+        for attn in ("linear", "dydila"):
+            assert T.main([*TINY, "--probe", "copy", "--attn", attn, "--steps", "2", "--out-dir", str(root / attn)]) == 0
+            runs[attn] = str(root / attn / "ckpt.pt")
+    finally:
+        os.chdir(cwd)
+    return runs
+
+
 def run_py(script, args, cwd, env=None, **kw):
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300, **kw)

@@ -49,6 +49,22 @@ def test_ablation_groups_runs_into_rows_and_seeds_and_scores_each(tiny_runs, tmp
 
 
 @pytest.mark.slow
+def test_ablation_of_copy_probe_runs_adds_copy_error_and_partner_mass(probe_runs, tiny_runs, tmp_path, capsys):
+    runs = [probe_runs["linear"], probe_runs["dydila"]]
+    assert ablation.main(["--out-dir", str(tmp_path), "--ckpt", *runs, "--t", "0.5"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    assert table[0][3:7] == ["copy error (per seed)", "mean ± std", "partner mass, mean of layers (per seed)", "mean ± std"]
+    log = runs[1].replace("ckpt.pt", "log.jsonl")
+    copy = [json.loads(r)["copy_error"] for r in open(log).read().splitlines() if '"copy_error"' in r][-1]
+    dydi = next(r for r in table if r[0] == "| DyDi-LiT")
+    assert float(dydi[3]) == pytest.approx(copy, abs=1e-3) and 0 < float(dydi[5]) < 1
+    assert "partner mass per layer (mean over seeds; uniform rows: 0.062):" in out
+    assert ablation.main(["--out-dir", str(tmp_path), "--ckpt", runs[0], tiny_runs["linear"]]) == 2
+    assert "the runs mix copy-probe and plain data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_bench_writes_csv_and_plot(tmp_path):
     assert bench.main(["--out-dir", str(tmp_path), "--max-tokens", "1024", "--repeats", "1", "--width", "32", "--heads", "2"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))

@@ -21,6 +21,7 @@ import train_tiny as T
 import training.data as TD
 import training.evaluation as TE
 import training.quality as TQ
+import visualize as V
 from conftest import ROOT, TINY, StandIn, log_rows, metric_data, run_py, write_cifar_folder, write_idx
 
 
@@ -340,6 +341,43 @@ def test_subin_holds_out_an_image_of_every_small_class_and_refuses_empty_ones(tm
         TD.load_subin(root, 4, None, 8, tmp_path / "cache")
 
 
+# --- the copy probe: every token's answer in one far key ---------------------------------------
+
+def test_the_copy_probe_makes_every_token_equal_its_partner_half_the_grid_away():
+    images = torch.randint(0, 256, (5, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    probe = TD.copy_probe(images)
+    assert probe.shape == images.shape and probe.dtype == torch.uint8
+    half = (images[:, :, 0::2].float() + images[:, :, 1::2].float()) / 2       # A: rows averaged in pairs
+    torch.testing.assert_close(probe[:, :, :16].float(), half, atol=0.5, rtol=0)
+    for patch in (2, 4):                                        # as tokens: token i == token partners(i)
+        H = 32 // patch
+        tokens = probe.unfold(2, patch, patch).unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(5, H * H, -1)
+        assert torch.equal(tokens, tokens[:, V.partners((H, H))])
+        assert int(V.partners((H, H))[0]) == (H // 2) * H      # token (0, 0)'s partner: (H/2, 0), H/2 rows away
+
+
+def test_copy_error_is_zero_for_real_probe_images_and_about_one_for_independent_halves():
+    data = TD.load_data("synthetic", image_size=32, probe="copy")
+    x, y = data.val_x, data.val_y
+    assert TQ.copy_error(x, y) == 0
+    shuffled = x.clone()                                        # each bottom from another image of the same class
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        shuffled[idx, :, 16:] = x[idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(int(c)))], :, 16:]
+    assert 0.9 < TQ.copy_error(shuffled, y) < 1.1
+
+
+def test_a_copy_probe_run_logs_the_copy_error_of_its_samples(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert T.main([*TINY, "--probe", "copy", "--steps", "2", "--out-dir", str(out)]) == 0
+    rows = [r for r in log_rows(out) if "copy_error" in r]
+    assert [r["step"] for r in rows] == [2] and rows[0]["copy_samples"] == T.COPY_SAMPLES and 0 < rows[0]["copy_error"] < 2
+    assert "copy error of 100 EMA samples" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["probe"] == "copy"
+    assert T.main([*TINY, "--steps", "4", "--out-dir", str(out), "--resume"]) == 2   # the probe is part of the model's data
+    assert "it has probe='copy' but this run asks for probe=None" in capsys.readouterr().err
+
+
 # --- Ctrl-C and SIGTERM: from launch, during training, during the first scoring ---------------
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -593,6 +631,7 @@ def one_line_error(capsys, message):
     (["--out-dir", "a_file/run"], "--out-dir a_file/run lies under a_file, which is a file"),
     (["--sample-from", "nothing.pt", "--grid", "a_file/g.png"], "--grid a_file/g.png lies under a_file, which is a file"),
     (["--sample-from", "nothing.pt", "--npz", "a_folder"], "--npz a_folder is a folder: give a file name"),
+    (["--probe", "copy", "--image-size", "20"], "--probe copy needs the patch size 4 to divide half the image, 10 pixels"),
 ])
 def test_bad_input_ends_before_any_work_with_one_line(argv, message, tmp_path, capsys, no_work):
     (tmp_path / "a_file").write_text("x")

@@ -27,6 +27,18 @@ def test_smoothness_metrics_known_answers():
     assert s["entropy_mean"] == pytest.approx(0.5) and s["zero_rows"] == 0 and s["rows"] == 6
 
 
+def test_partner_mass_is_one_over_n_for_uniform_rows_and_one_for_retrieval():
+    hw = (4, 6)
+    N = hw[0] * hw[1]
+    uniform = torch.full((2, 3, N, N), 1.0 / N)
+    torch.testing.assert_close(V.partner_mass(uniform, hw), torch.full((2, 3, N), 1.0 / N, dtype=torch.float64))
+    retrieval = torch.zeros(N, N)
+    retrieval[torch.arange(N), V.partners(hw)] = 2.0            # all of each row on its partner (unnormalised)
+    torch.testing.assert_close(V.partner_mass(retrieval, hw), torch.ones(N, dtype=torch.float64))
+    assert V.partners(hw).tolist()[:7] == [12, 13, 14, 15, 16, 17, 18]   # (0, c) -> (2, c); (1, 0) -> (3, 0)
+    assert torch.equal(V.partners(hw)[V.partners(hw)], torch.arange(N))  # partners pair up
+
+
 @pytest.mark.slow
 def test_visualize_default_mode_writes_figures(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(TD, "FASHION_DIRS", [])               # offline synthetic image, whatever is installed
@@ -66,3 +78,14 @@ def test_visualize_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         assert V.main(["--out-dir", str(tmp_path), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_visualize_copy_probe_runs_reports_partner_mass_per_layer(probe_runs, tmp_path, capsys):
+    assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", probe_runs["linear"], probe_runs["dydila"], "--t", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "partner mass per layer, all heads and rows (uniform: 1/N = 0.062; exact retrieval: 1):" in out
+    per_layer = [line for line in out.splitlines() if line.startswith(("linear (linear) t=0.5 ", "dydila (dydila) t=0.5 "))
+                 and "mean" in line]
+    assert len(per_layer) == 2 and all(len(line.split("mean")[0].split()) == 3 + 6 for line in per_layer)   # a label, 6 layers
+    assert (tmp_path / "viz" / "attention_maps.png").stat().st_size > 10_000

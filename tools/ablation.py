@@ -39,7 +39,8 @@ def run_label(a):
 def ablation(args, out):
     """Runs that differ in attention and seed, side by side: loss curves (mean over seeds, band =
     min..max), validation loss, and mean normalised row entropy at one layer (at each --t), plus
-    the table. The entropy uses a held-out image and fixed noise, as --ckpt does."""
+    the table. The entropy uses a held-out image and fixed noise, as --ckpt does. Copy-probe runs
+    add their copy error (from the log) and the partner mass of every layer."""
     rows, firsts = {}, []
     for path in args.ckpt:
         model, objective, a, _ = load_run(path)
@@ -57,6 +58,9 @@ def ablation(args, out):
     reached = [{r["step"] for r in rec if "val_loss" in r} for runs in rows.values() for *_, rec in runs]
     val_step = max(set.intersection(*reached), default=None)
     first = next(iter(rows.values()))[0][0]
+    probe = getattr(first, "probe", None)
+    if any(getattr(a, "probe", None) != probe for runs in rows.values() for a, *_ in runs):
+        raise UserError("the runs mix copy-probe and plain data: compare runs of the same data")
     data = V.run_data(first, args.data_dir)
     i = V.held_out_index(args.index, data, first.dataset)
     x0, y = to_float(data.val_x[i:i + 1]), data.val_y[i:i + 1]
@@ -68,7 +72,9 @@ def ablation(args, out):
         print(f"held-out real images: {describe(quality.real())}")
     table = []
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 3 if probe else 2, figsize=(18 if probe else 13, 4.5),
+                             gridspec_kw={"width_ratios": [3, 2, 2] if probe else [3, 2]})
+    a1, a2, a3 = (*axes, None)[:3]
     for i, (label, runs) in enumerate(rows.items()):
         color = f"C{i}"
         curves = [{r["step"]: r["loss"] for r in rec if "loss" in r} for _, _, _, rec in runs]
@@ -76,7 +82,7 @@ def ablation(args, out):
         losses = torch.tensor([[c[s] for s in steps] for c in curves])   # (seeds, steps)
         a1.plot(steps, losses.mean(0), color=color, label=f"{label} ({len(runs)} seeds)")
         a1.fill_between(steps, losses.amin(0), losses.amax(0), color=color, alpha=0.2)
-        entry = {"label": label, "val": [], "entropy": [], "img_s": [], "scores": []}
+        entry = {"label": label, "val": [], "entropy": [], "img_s": [], "scores": [], "copy": [], "partner": []}
         for a, model, objective, rec in runs:
             val = [r for r in rec if "val_loss" in r]
             a1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, mfc="none")
@@ -85,10 +91,16 @@ def ablation(args, out):
             entry["img_s"].append(statistics.median(speed) if speed else math.nan)
             ent = []
             for t in args.t:
-                attn, x = V.captured_attention(model, objective, x0, y, t, args.layer, noise)
+                attn, x = V.layer_inputs(model, objective, x0, y, t, noise)[args.layer]
                 with torch.no_grad():
                     ent.append(V.row_entropy(attn.attention_matrix(x, model.hw)).mean().item())
             entry["entropy"].append(ent)
+            if probe:                                                    # retrieval: the copy probe's two measures
+                copies = [r for r in rec if "copy_error" in r]
+                entry["copy"].append(next((r["copy_error"] for r in copies if r["step"] == val_step),
+                                          copies[-1]["copy_error"] if copies else math.nan))
+                per_layer = [V.partner_mass_per_layer(model, objective, x0, y, t, noise) for t in args.t]   # (t, layers)
+                entry["partner"].append([statistics.mean(v) for v in zip(*per_layer)])                     # (layers,)
             if quality is not None:
                 steps = args.sample_steps or a.sample_steps
                 sampler = a.sampler or default_sampler(a.objective)
@@ -101,6 +113,9 @@ def ablation(args, out):
             a2.plot([i + 0.12 * (j - (len(args.t) - 1) / 2)] * len(e), e[:, j], "os^dv"[j % 5], color=color, mfc="none",
                     label=f"t = {t:g}" if i == 0 else None)
         a2.plot(i, e.mean(), "_", color=color, ms=22, mew=2)
+        if probe:
+            layers = torch.tensor(entry["partner"]).mean(0)                  # (layers,): mean over seeds
+            a3.plot(range(len(layers)), layers, "o-", color=color, label=label)
         table.append(entry)
     a1.set(xlabel="step", ylabel="training loss", yscale="log",
            title="training loss: mean over seeds, band = min..max; o = validation loss (fixed noise)")
@@ -112,6 +127,14 @@ def ablation(args, out):
     a2.title.set_fontsize(9)
     a2.legend(fontsize=8, title="noise level", title_fontsize=8)
     a2.grid(alpha=0.3, axis="y")
+    if probe:
+        n_tokens = model.hw[0] * model.hw[1]
+        a3.axhline(1 / n_tokens, color="gray", ls="--", lw=1, label=f"uniform rows, 1/N = {1 / n_tokens:.3f}")
+        a3.set(xlabel="layer", ylabel="attention mass on the partner key",
+               title=f"copy probe: partner mass per layer (mean over seeds, t = {', '.join(f'{t:g}' for t in args.t)})")
+        a3.title.set_fontsize(9)
+        a3.legend(fontsize=7)
+        a3.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=110)
     plt.close(fig)
@@ -138,18 +161,28 @@ def ablation(args, out):
         metrics.append(("fid", f"FID-{args.fid_samples}", "{:.2f}", 1))
     metrics = metrics if quality is not None else []
     head = "".join(f" {name} (per seed) | mean ± std |" for _, name, _, _ in metrics)
+    if probe:
+        head = " copy error (per seed) | mean ± std | partner mass, mean of layers (per seed) | mean ± std |" + head
     print(f"| row | val loss at step {val_step} (per seed) | mean ± std |{head} entropy / log N at t = "
           f"{', '.join(f'{t:g}' for t in args.t)} (per seed) | mean | img/s (per seed) |")
-    print("|" + " --- |" * (6 + 2 * len(metrics)))
+    print("|" + " --- |" * (6 + 2 * len(metrics) + 4 * bool(probe)))
     for e in table:
         v = [x for x in e["val"] if not math.isnan(x)]
         ent = " / ".join(", ".join(f"{x:.3f}" for x in s) for s in e["entropy"])
         cells = [f"{fmt(e['val'])} | {mean_std(v, '{:.4f}')}"]
+        if probe:
+            partner = [statistics.mean(layers) for layers in e["partner"]]
+            cells += [f"{' / '.join(f'{x:.3f}' for x in e['copy'])} | {mean_std(e['copy'], '{:.3f}')}",
+                      f"{' / '.join(f'{x:.3f}' for x in partner)} | {mean_std(partner, '{:.3f}')}"]
         for key, _, form, scale in metrics:
             values = [sc[key] * scale for sc in e["scores"]]
             cells.append(f"{' / '.join(form.format(x) for x in values)} | {mean_std(values, form)}")
         ent_mean = statistics.mean(x for s in e["entropy"] for x in s)
         print(f"| {e['label']} | {' | '.join(cells)} | {ent} | {ent_mean:.3f} | {' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
+    if probe:
+        print(f"partner mass per layer (mean over seeds; uniform rows: {1 / n_tokens:.3f}):")
+        for e in table:
+            print(f"  {e['label']:<34} " + " ".join(f"{x:.3f}" for x in torch.tensor(e["partner"]).mean(0).tolist()))
     if seeds < 2:
         print("note: one seed per row, so the spread cannot be told from noise; run each row with 2+ seeds")
     return written

@@ -2,8 +2,9 @@
 The datasets of train_tiny.py as uint8 images (N, c, S, S) with labels, a training and a held-out
 split: CIFAR-10 (the python version: folder, MD5-checked tarball, or a download), Fashion-MNIST
 (IDX files, or Debian's dataset-fashion-mnist package), Sub-IN (ImageNet class folders, decoded
-once and cached) and synthetic gratings (no files); and Batches, the batch of a step as a
-function of (seed, step), so that a resumed run sees exactly the batches of an uninterrupted one.
+once and cached) and synthetic gratings (no files); the copy probe, a variant of any of them
+whose every token's answer sits in one far key; and Batches, the batch of a step as a function of
+(seed, step), so that a resumed run sees exactly the batches of an uninterrupted one.
 """
 
 import gzip
@@ -33,6 +34,7 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
 DEFAULT_DATA_DIR = "./data"                             # the data folder when none is given (created for the CIFAR-10 download)
 DATASETS = ("cifar10", "subin", "fashion-mnist", "synthetic")
+PROBES = ("copy",)
 
 
 @dataclass
@@ -53,6 +55,15 @@ def to_float(images):
 def to_uint8(x):
     """Model output in [-1, 1] -> uint8 images on the CPU, as they would be saved."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def copy_probe(images):
+    """The copy probe: each image becomes [A; A], A the image squashed to half its height (each
+    pair of rows averaged), so every token's content equals the token half the grid below or above
+    it (its partner). uint8 (N, c, S, S) -> uint8 (N, c, S, S), S even."""
+    x = images.float()
+    half = (x[:, :, 0::2] + x[:, :, 1::2]) / 2                  # A: (N, c, S/2, S)
+    return torch.cat([half, half], dim=2).round().to(torch.uint8)
 
 
 def load_cifar10(data_dir, explicit=True):
@@ -241,10 +252,11 @@ def make_synthetic(image_size, num_classes=10, n_train=5000, n_val=500):
     return ImageData(tx, ty, vx, vy, [f"class {c}" for c in range(num_classes)], flip=False)
 
 
-def load_data(dataset, data_dir=None, image_size=32, num_classes=100, class_list=None, cache_dir="./data/cache", flip=True):
+def load_data(dataset, data_dir=None, image_size=32, num_classes=100, class_list=None, cache_dir="./data/cache", flip=True,
+              probe=None):
     """One of DATASETS. data_dir None: the default places (./data; Debian's Fashion-MNIST folder).
     num_classes, class_list: Sub-IN's classes. flip=False turns off the random horizontal flips
-    (on for cifar10 and subin)."""
+    (on for cifar10 and subin). probe="copy": every image, training and held out, as copy_probe makes it."""
     folder, explicit = Path(data_dir or DEFAULT_DATA_DIR), data_dir is not None
     if dataset == "cifar10":
         data = load_cifar10(folder, explicit)
@@ -255,6 +267,8 @@ def load_data(dataset, data_dir=None, image_size=32, num_classes=100, class_list
     else:
         data = make_synthetic(image_size)
     data.flip = data.flip and flip
+    if probe == "copy":
+        data.train_x, data.val_x = copy_probe(data.train_x), copy_probe(data.val_x)
     return data
 
 

@@ -131,13 +131,16 @@ def sample_grid(model, objective, classes, channels, size, device, path, cfg_sca
 
 
 def plot_losses(log_path, png_path):
-    """The losses; with sample-quality scores in the log, a second panel with FD-cnn (and FID)
-    of the EMA samples, the held-out real images' values dashed."""
+    """The losses; with sample-quality scores in the log, a panel with FD-cnn (and FID) of the EMA
+    samples, the held-out real images' values dashed; with the copy probe's, a panel of its copy error."""
     plt = pyplot()
     rows = read_log(log_path)
     scored = [r for r in rows if "fd_cnn" in r]
-    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(11 if scored else 6, 4), squeeze=False)
-    ax = axes[0, 0]
+    copied = [r for r in rows if "copy_error" in r]
+    panels = 1 + bool(scored) + bool(copied)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    ax = axes.pop(0)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if train:
@@ -148,7 +151,7 @@ def plot_losses(log_path, png_path):
     ax.grid(alpha=0.3)
     ax.legend()
     if scored:
-        ax = axes[0, 1]
+        ax = axes.pop(0)
         real = next((r for r in rows if "real_fd_cnn" in r), {})
         n = scored[-1]["metric_samples"]
         for key, name, colour in (("fd_cnn", "FD-cnn", "C0"), ("fid", "FID", "C1")):
@@ -159,6 +162,15 @@ def plot_losses(log_path, png_path):
                     ax.axhline(real[f"real_{key}"], color=colour, ls="--", label=f"{name}, held-out real images")
         ax.set(xlabel="step", ylabel="Fréchet distance (lower is better)", yscale="log",
                title=f"sample quality; accuracy {100 * scored[-1]['cnn_acc']:.1f}% at step {scored[-1]['step']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if copied:
+        ax = axes.pop(0)
+        ax.plot([r["step"] for r in copied], [r["copy_error"] for r in copied], "o-", color="C2",
+                label=f"{copied[-1]['copy_samples']} EMA samples")
+        ax.axhline(1, color="gray", ls="--", label="independent halves")
+        ax.set(xlabel="step", ylabel="copy error (0: exact copies)", ylim=(0, max(1.1, max(r["copy_error"] for r in copied))),
+               title="copy probe")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

