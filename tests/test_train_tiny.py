@@ -357,16 +357,17 @@ def test_the_copy_probe_makes_every_token_equal_its_partner_half_the_grid_away()
 
 
 def test_copy_error_is_zero_for_real_probe_images_and_about_one_for_independent_halves():
-    data = TD.load_data("synthetic", image_size=32, probe="copy")
+    data = TD.load_data("synthetic", image_size=16, probe="copy")
     x, y = data.val_x, data.val_y
     assert TQ.copy_error(x, y) == 0
     shuffled = x.clone()                                        # each bottom from another image of the same class
     for c in y.unique():
         idx = (y == c).nonzero().flatten()
-        shuffled[idx, :, 16:] = x[idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(int(c)))], :, 16:]
+        shuffled[idx, :, 8:] = x[idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(int(c)))], :, 8:]
     assert 0.9 < TQ.copy_error(shuffled, y) < 1.1
 
 
+@pytest.mark.slow
 def test_a_copy_probe_run_logs_the_copy_error_of_its_samples(tmp_path, capsys):
     out = tmp_path / "run"
     assert T.main([*TINY, "--probe", "copy", "--steps", "2", "--out-dir", str(out)]) == 0
@@ -473,6 +474,7 @@ def test_a_signal_during_the_first_scoring_ends_the_run_and_keeps_its_checkpoint
     assert "stopped at step 2: the checkpoint is" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_the_run_stops_with_good_weights(tmp_path, monkeypatch, capsys):
     real_step, calls = D.training_step, []
 
@@ -534,6 +536,7 @@ def test_inception_input_is_tensorflow_1_bilinear_of_the_pixels():
     assert np.allclose(x[1, 1].double().numpy(), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_metric_classifier_learns_is_cached_and_tells_real_from_noise(tmp_path, monkeypatch):
     monkeypatch.setattr(TQ, "CNN_STEPS", 60)
     data = metric_data()
@@ -579,6 +582,7 @@ def test_training_logs_fd_cnn_accuracy_and_fid_and_plots_them(tmp_path, monkeypa
     assert Image.open(out / "loss.png").size[0] == 1100        # the second panel: sample quality
 
 
+@pytest.mark.slow
 def test_sample_from_writes_the_adm_npz_format(tmp_path, capsys):
     out = tmp_path / "run"
     assert T.main([*TINY, "--steps", "2", "--out-dir", str(out)]) == 0
@@ -675,6 +679,7 @@ def test_cli_errors_after_loading_are_one_line(tmp_path, capsys):
         one_line_error(capsys, message)
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_or_a_corrupt_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert T.main([*TINY, "--steps", "2", "--out-dir", str(out)]) == 0
