@@ -332,11 +332,12 @@ def layer_inputs(model, objective, x0, y, t, noise):
     return seen
 
 
-def partner_mass_per_layer(model, objective, x0, y, t, noise):
-    """Mean partner mass of every layer's attention (all heads and rows) on a copy-probe image."""
+def partner_mass_per_head(model, objective, x0, y, t, noise):
+    """Mean partner mass (over the rows) of every head of every layer on a copy-probe image x0 noised
+    to t: (layers, heads) tensor."""
     with torch.no_grad():
-        return [partner_mass(attn.attention_matrix(x, model.hw), model.hw).nanmean().item()
-                for attn, x in layer_inputs(model, objective, x0, y, t, noise)]
+        return torch.stack([partner_mass(attn.attention_matrix(x, model.hw), model.hw)[0].nanmean(-1)
+                            for attn, x in layer_inputs(model, objective, x0, y, t, noise)])
 
 
 def from_checkpoints(args, out):
@@ -366,7 +367,7 @@ def from_checkpoints(args, out):
             attn, x = layer_inputs(model, objective, x0, y, t, noise)[args.layer]
             hw = model.hw
             if probe:
-                retrieval.append((f"{name} t={t:g}", partner_mass_per_layer(model, objective, x0, y, t, noise)))
+                retrieval.append((f"{name} t={t:g}", partner_mass_per_head(model, objective, x0, y, t, noise)))
             with torch.no_grad():
                 maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
                 if isinstance(attn, D.DyDiLA):
@@ -382,9 +383,12 @@ def from_checkpoints(args, out):
     smoothness_figure(out / "attention_smoothness.png", maps, title)
     print_table(maps, hw if probe else None)
     if retrieval:
-        print(f"partner mass per layer, all heads and rows (uniform: 1/N = {1 / (hw[0] * hw[1]):.3f}; exact retrieval: 1):")
-        for label, per_layer in retrieval:
-            print(f"{label:<34} " + " ".join(f"{v:.3f}" for v in per_layer) + f"   mean {sum(per_layer) / len(per_layer):.3f}")
+        print(f"partner mass per layer, all heads and rows (uniform: 1/N = {1 / (hw[0] * hw[1]):.3f}; exact retrieval: 1), "
+              f"and of each layer's best head:")
+        for label, heads in retrieval:
+            layers = heads.mean(1)
+            print(f"{label:<34} " + " ".join(f"{v:.3f}" for v in layers) + f"   mean {layers.mean():.3f}   best heads "
+                  + " ".join(f"{v:.3f}" for v in heads.amax(1)))
     if routers:
         router_figure(out / "router_maps.png", img, patch, routers)
         written.append("router_maps.png")

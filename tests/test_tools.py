@@ -59,7 +59,7 @@ def test_ablation_of_copy_probe_runs_adds_copy_error_and_partner_mass(probe_runs
     copy = [json.loads(r)["copy_error"] for r in open(log).read().splitlines() if '"copy_error"' in r][-1]
     dydi = next(r for r in table if r[0] == "| DyDi-LiT")
     assert float(dydi[3]) == pytest.approx(copy, abs=1e-3) and 0 < float(dydi[5]) < 1
-    assert "partner mass per layer (mean over seeds; uniform rows: 0.062):" in out
+    assert "partner mass per layer, mean over heads | of the layer's best head (mean over seeds; uniform rows: 0.062):" in out
     assert ablation.main(["--out-dir", str(tmp_path), "--ckpt", runs[0], tiny_runs["linear"]]) == 2
     assert "the runs mix copy-probe and plain data" in capsys.readouterr().err
 

@@ -84,8 +84,9 @@ def test_visualize_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
 def test_visualize_copy_probe_runs_reports_partner_mass_per_layer(probe_runs, tmp_path, capsys):
     assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", probe_runs["linear"], probe_runs["dydila"], "--t", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "partner mass per layer, all heads and rows (uniform: 1/N = 0.062; exact retrieval: 1):" in out
+    assert "partner mass per layer, all heads and rows (uniform: 1/N = 0.062; exact retrieval: 1), and of each layer's best head:" in out
     per_layer = [line for line in out.splitlines() if line.startswith(("linear (linear) t=0.5 ", "dydila (dydila) t=0.5 "))
                  and "mean" in line]
     assert len(per_layer) == 2 and all(len(line.split("mean")[0].split()) == 3 + 6 for line in per_layer)   # a label, 6 layers
+    assert all(len(line.split("best heads")[1].split()) == 6 for line in per_layer)
     assert (tmp_path / "viz" / "attention_maps.png").stat().st_size > 10_000

@@ -82,7 +82,7 @@ def ablation(args, out):
         losses = torch.tensor([[c[s] for s in steps] for c in curves])   # (seeds, steps)
         a1.plot(steps, losses.mean(0), color=color, label=f"{label} ({len(runs)} seeds)")
         a1.fill_between(steps, losses.amin(0), losses.amax(0), color=color, alpha=0.2)
-        entry = {"label": label, "val": [], "entropy": [], "img_s": [], "scores": [], "copy": [], "partner": []}
+        entry = {"label": label, "val": [], "entropy": [], "img_s": [], "scores": [], "copy": [], "partner": [], "best_head": []}
         for a, model, objective, rec in runs:
             val = [r for r in rec if "val_loss" in r]
             a1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, mfc="none")
@@ -99,8 +99,9 @@ def ablation(args, out):
                 copies = [r for r in rec if "copy_error" in r]
                 entry["copy"].append(next((r["copy_error"] for r in copies if r["step"] == val_step),
                                           copies[-1]["copy_error"] if copies else math.nan))
-                per_layer = [V.partner_mass_per_layer(model, objective, x0, y, t, noise) for t in args.t]   # (t, layers)
-                entry["partner"].append([statistics.mean(v) for v in zip(*per_layer)])                     # (layers,)
+                heads = torch.stack([V.partner_mass_per_head(model, objective, x0, y, t, noise) for t in args.t]).mean(0)
+                entry["partner"].append(heads.mean(1).tolist())            # (layers,): mean over heads and --t
+                entry["best_head"].append(heads.amax(1).tolist())          # (layers,): the layer's best head
             if quality is not None:
                 steps = args.sample_steps or a.sample_steps
                 sampler = a.sampler or default_sampler(a.objective)
@@ -180,9 +181,11 @@ def ablation(args, out):
         ent_mean = statistics.mean(x for s in e["entropy"] for x in s)
         print(f"| {e['label']} | {' | '.join(cells)} | {ent} | {ent_mean:.3f} | {' / '.join(f'{x:.0f}' for x in e['img_s'])} |")
     if probe:
-        print(f"partner mass per layer (mean over seeds; uniform rows: {1 / n_tokens:.3f}):")
+        print(f"partner mass per layer, mean over heads | of the layer's best head (mean over seeds; uniform rows: "
+              f"{1 / n_tokens:.3f}):")
         for e in table:
-            print(f"  {e['label']:<34} " + " ".join(f"{x:.3f}" for x in torch.tensor(e["partner"]).mean(0).tolist()))
+            print(f"  {e['label']:<34} " + " ".join(f"{x:.3f}" for x in torch.tensor(e["partner"]).mean(0).tolist()) + " | "
+                  + " ".join(f"{x:.3f}" for x in torch.tensor(e["best_head"]).mean(0).tolist()))
     if seeds < 2:
         print("note: one seed per row, so the spread cannot be told from noise; run each row with 2+ seeds")
     return written
