@@ -278,13 +278,13 @@ def tiny_model(attn, seed=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn", ["dydila", "linear"])
-def test_inductor_forward_and_backward_match_eager_in_float32_and_bf16(attn, scalar_inductor):
-    """The compiler a GPU user gets (Inductor; here its CPU code generator), one graph. float32:
+def test_inductor_forward_and_backward_match_eager_in_float32_and_bf16(scalar_inductor):
+    """The compiler a GPU user gets (Inductor; here its CPU code generator), one graph, on DyDi-LiT
+    (LiT's attention is DyDiLA's last step, so its operations are compiled here too). float32:
     the loss and every gradient agree to 1e-4 of their scale (Inductor fuses and reorders float32
     sums). bf16 autocast: a near-tied hard routing choice can flip between two roundings of the same
     input, so the gradients are compared by direction (cosine) and the loss to bf16's precision."""
-    model = tiny_model(attn)
+    model = tiny_model("dydila")
     x, t, y = batch(model, B=4)
     params = list(model.parameters())
     compiled = torch.compile(model, fullgraph=True)
@@ -303,11 +303,13 @@ def test_inductor_forward_and_backward_match_eager_in_float32_and_bf16(attn, sca
 
 
 @pytest.mark.slow
-def test_sampling_with_a_compiled_model_runs_compiled_and_compiles_at_most_twice(scalar_inductor):
+def test_sampling_with_a_compiled_model_runs_compiled_and_compiles_at_most_twice():
     """Guidance doubles the batch inside the sampler, whose loop stays eager: a compiled model is
-    called with the same shapes at every step, so a whole sampling run compiles once or twice."""
+    called with the same shapes at every step, so a whole sampling run compiles once or twice.
+    (What is counted is Dynamo's graph capture, the same for every backend: the test skips Inductor.)"""
+    torch._dynamo.reset()
     model = tiny_model("dydila").eval()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="eager")
     y = torch.tensor([0, 1, 2])
     counters.clear()
     got = D.FlowMatching().sample(compiled, (3, 3, 8, 8), y, steps=8, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))

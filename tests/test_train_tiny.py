@@ -429,6 +429,7 @@ def test_a_signal_writes_the_checkpoint_before_validating(tmp_path, monkeypatch,
     assert signal.getsignal(signal.SIGTERM) is handler          # the handlers are restored
 
 
+@pytest.mark.slow
 def test_a_second_signal_skips_the_validation(tmp_path, monkeypatch):
     real_step = D.training_step
 
@@ -449,6 +450,7 @@ def test_a_second_signal_skips_the_validation(tmp_path, monkeypatch):
     assert not log.exists() or not [r for r in log_rows(tmp_path / "run") if "val_loss" in r]
 
 
+@pytest.mark.slow
 def test_a_signal_during_a_sample_grid_saves_at_once(tmp_path, monkeypatch):
     def grid(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -461,6 +463,7 @@ def test_a_signal_during_a_sample_grid_saves_at_once(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_first_scoring_ends_the_run_and_keeps_its_checkpoint(tmp_path, monkeypatch, capsys):
     def classifier(*a, **k):                                    # Ctrl-C while the metric classifier trains
         os.kill(os.getpid(), signal.SIGINT)
@@ -655,6 +658,7 @@ def test_the_gpu_defaults_on_a_cpu_stop_with_the_cpu_recipe(tmp_path, capsys, no
     assert T.CPU_RECIPE in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_small_held_out_set_or_dataset_is_announced(tmp_path, monkeypatch, capsys):
     load = T.load_data
 
