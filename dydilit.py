@@ -756,9 +756,12 @@ class FlowMatching:
 
 def training_step(model, objective, optimizer, x0, y, grad_clip=1.0, amp_dtype=None):
     """One update: loss under autocast (amp_dtype, e.g. torch.bfloat16) -> backward -> clip -> step.
-    A non-finite loss or gradient norm skips the optimizer step, so no NaN ever reaches the weights
-    (this check is the step's one host sync). Returns the loss, per-sample losses, their t and the
-    grad norm (detached tensors), and skipped (bool)."""
+    grad_clip: the largest gradient norm (None or 0: no clipping). A non-finite loss or gradient
+    norm skips the optimizer step, so no NaN ever reaches the weights (this check is the step's one
+    host sync). Returns the loss, per-sample losses, their t and the grad norm (detached tensors),
+    and skipped (bool)."""
+    if grad_clip is not None and not grad_clip >= 0:            # a negative max norm would flip the gradient
+        raise ValueError(f"grad_clip = {grad_clip} must be a gradient norm > 0, or 0 / None for no clipping")
     ctx = torch.autocast(x0.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with ctx:
         losses, t = objective.losses(model, x0, y)
@@ -775,6 +778,13 @@ def training_step(model, objective, optimizer, x0, y, grad_clip=1.0, amp_dtype=N
 
 @torch.no_grad()
 def update_ema(ema, model, decay=0.9999):
-    """ema <- decay * ema + (1 - decay) * model, parameters only (DiT). decay=0 copies."""
-    for e, p in zip(ema.parameters(), model.parameters()):
+    """ema <- decay * ema + (1 - decay) * model, parameters only (DiT). decay=0 copies. Two models
+    of different architectures are refused before any parameter changes."""
+    if not 0 <= decay <= 1:
+        raise ValueError(f"decay = {decay} must lie in [0, 1]")
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if [e.shape for e in ema_params] != [p.shape for p in params]:
+        raise ValueError("ema and model differ in architecture (their parameters' number or shapes): "
+                         "the EMA must be a copy of the model")
+    for e, p in zip(ema_params, params):
         e.lerp_(p.detach(), 1 - decay)

@@ -561,6 +561,43 @@ def test_ema_update():
     torch.testing.assert_close(a.weight, w_b)
 
 
+def test_ema_refuses_a_decay_outside_0_1_and_another_architecture_before_changing_anything():
+    lit, dydi = (D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, attn=attn) for attn in ("linear", "dydila"))
+    before = copy.deepcopy(lit.state_dict())
+    for decay in (2.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"decay = .* must lie in \[0, 1\]"):
+            D.update_ema(lit, lit, decay=decay)
+    for ema, model in ((lit, dydi), (dydi, lit)):               # LiT's parameters are a prefix of DyDi-LiT's
+        with pytest.raises(ValueError, match="ema and model differ in architecture"):
+            D.update_ema(ema, model)
+    assert all(torch.equal(p, before[n]) for n, p in lit.state_dict().items())
+
+
+def test_grad_clip_bounds_the_norm_zero_or_none_is_off_and_a_negative_one_is_refused():
+    torch.manual_seed(0)
+    model = D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4)
+    x, _, y = batch(model)
+    with torch.no_grad():                                       # a non-zero output layer: gradients everywhere
+        model.final_linear.weight.normal_(std=0.5)
+    start = copy.deepcopy(model.state_dict())
+
+    def step_size(grad_clip):
+        model.load_state_dict(start)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        torch.manual_seed(1)
+        out = D.training_step(model, D.FlowMatching(), opt, x, y, grad_clip=grad_clip)
+        moved = torch.cat([(p - start[n]).flatten() for n, p in model.named_parameters()]).norm().item()
+        return out["grad_norm"].item(), moved
+
+    norm, moved = step_size(None)
+    assert norm > 0.02 and moved == pytest.approx(norm, rel=1e-4)           # SGD, lr 1: the step is the gradient
+    assert step_size(0) == pytest.approx((norm, moved), rel=1e-5)            # 0: no clipping, as None
+    assert step_size(norm / 4)[1] == pytest.approx(norm / 4, rel=1e-3)       # clipped to the bound
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="grad_clip = .* must be a gradient norm > 0, or 0 / None for no clipping"):
+            D.training_step(model, D.FlowMatching(), torch.optim.SGD(model.parameters(), lr=1.0), x, y, grad_clip=bad)
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input: one clear ValueError each
 # ---------------------------------------------------------------------------------------

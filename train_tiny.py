@@ -18,7 +18,10 @@ train.py (EMA, sample grids).
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +31,20 @@ from tqdm import tqdm
 
 import dydilit as D
 from training.data import DATASETS, DEBIAN_FASHION_DIR, PROBES, Batches, load_data
-from training.evaluation import (VAL_TIMES, build_model, build_objective, default_sampler, generate, load_run,
-                                 plot_losses, sample_grid, validation_loss)
+from training.evaluation import (VAL_TIMES, PredictsZero, build_model, build_objective, default_sampler, generate,
+                                 load_run, plot_losses, sample_grid, validation_loss)
 from training.quality import SampleQuality, copy_error, describe, load_inception
-from training.run import (GracefulStop, HelpFormatter, JsonLog, Meter, Stopped, UserError, atomic_write, check_writable,
-                          cli, init_distributed, load_checkpoint, pick_device, precision_context, save_checkpoint)
+from training.run import (SPEC_KEYS, GracefulStop, HelpFormatter, JsonLog, Meter, RunLock, Stopped, UserError, atomic_write,
+                          check_fits, check_writable, cli, init_distributed, nearest_folder, pick_device, precision_context,
+                          resume_run, save_checkpoint, size)
 
 MAX_SKIPS_IN_A_ROW = 3                                  # non-finite steps in a row before the run stops
+DIVERGED = 100                                          # a validation loss this many times a model's that outputs 0: diverged
 COPY_SAMPLES = 100                                      # --probe copy: EMA samples whose copy error each evaluation logs
 GPU_SIZED = ("model", "steps", "batch_size")            # flags whose defaults are sized for one GPU
-# What a checkpoint's model and objective depend on: resuming with other values is an error.
-ARCH_KEYS = ("dataset", "probe", "model", "attn", "image_size", "num_classes", "objective", "ddpm_schedule",
-             "no_dynamic_projection", "no_dynamic_kernel", "no_token_differential")
+DATA_KEYS = ("dataset", "probe")                        # with the spec: what a resumed run must share with its checkpoint
+ACTIVATIONS = 8                                         # (B, N, C) float32 tensors a block keeps for the backward, at least
+CPU_RECIPE_MINUTES = 18                                 # its wall clock on 2 cores (docs/BENCHMARKS.md, "The CPU recipe")
 CPU_RECIPE = ("python train_tiny.py --dataset fashion-mnist --model DyDiLiT-T/4 --batch-size 32 --steps 1200 "
               "--eval-every 400 --sample-every 600 --val-size 256 --sample-steps 20 --fid-samples 500")
 
@@ -65,7 +70,8 @@ def train(args):
         # --- data ---------------------------------------------------------------------------
         data = load_data(args.dataset, args.data_dir, args.image_size, args.num_classes, args.class_list, args.cache_dir,
                          flip=not args.no_flip, probe=args.probe)
-        args.channels, args.num_classes = data.train_x.shape[1], len(data.classes)   # recorded in the checkpoint
+        args.channels, args.num_classes = data.train_x.shape[1], len(data.classes)
+        spec = {k: getattr(args, k) for k in SPEC_KEYS}   # what builds the model and objective: the checkpoint keeps it
         if main and args.val_size > len(data.val_x):
             print(f"note: --val-size {args.val_size} is more than the {len(data.val_x)} held-out images: validating on all of them")
         if main and args.batch_size > len(data.train_x):
@@ -75,14 +81,14 @@ def train(args):
 
         # --- model, EMA, optimizer (or the checkpoint of an interrupted run) ------------------
         torch.manual_seed(args.seed)                      # the same initial weights on every rank and every run
-        arch = (args.model, args.attn, args.image_size, args.channels, args.num_classes,
-                not args.no_dynamic_projection, not args.no_dynamic_kernel, not args.no_token_differential)
-        raw = build_model(*arch).to(device)               # checkpoints hold the raw module, never a wrapper
-        ema = build_model(*arch).to(device).eval().requires_grad_(False)
+        raw = build_model(spec).to(device)                # checkpoints hold the raw module, never a wrapper
+        ema = build_model(spec).to(device).eval().requires_grad_(False)
         # fused: the whole update in one multi-tensor kernel (CPU and CUDA)
         opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
+        log = JsonLog(out / "log.jsonl", enabled=main)
         if args.resume:
-            step = resume(ckpt_path, args, raw, ema, opt, device)
+            step = resume_run(ckpt_path, raw, ema, opt, expect={**spec, **{k: getattr(args, k) for k in DATA_KEYS}})
+            log.trim(step)
             if main:
                 print(f"resumed {ckpt_path} at step {step}")
         else:
@@ -96,31 +102,32 @@ def train(args):
             model, sampling_model = torch.compile(raw), torch.compile(ema)
         if ddp:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        objective = build_objective(args.objective, args.ddpm_schedule)
+        objective = build_objective(spec)
         amp, amp_dtype, precision = precision_context(args.precision, device)
         sampler = args.sampler or default_sampler(args.objective)
         batches = Batches(data, args.batch_size, args.seed, rank, world, device)
-        log = JsonLog(out / "log.jsonl", enabled=main)
         if main:
             print(f"{args.model} attn={args.attn} objective={args.objective} | "
                   f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {len(data.train_x)} train / "
                   f"{len(val_x)} val images {tuple(data.train_x.shape[1:])} | device {device} x{world} | "
                   f"precision {precision} | batch {args.batch_size}")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "classes.txt").write_text("\n".join(data.classes) + "\n")
-            (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-        quality, saved_at = None, None                    # quality: built at the first scoring (classifier, FID reference)
+            for name, text in (("classes.txt", "\n".join(data.classes) + "\n"), ("args.json", json.dumps(vars(args), indent=2))):
+                with atomic_write(out / name) as tmp:
+                    tmp.write_text(text)
+        quality = None                                    # built at the first scoring (classifier, FID reference)
+        saved_at = step if args.resume else None          # the step of the checkpoint in ckpt_path
+        zero_loss = None                                  # the validation loss of a model that outputs 0 (DiT's at step 0)
         bar = tqdm(total=args.steps, initial=step, disable=not main, dynamic_ncols=True)
 
         def evaluate(step, checkpoint=True, samples=False, grid=None):
             """Rank 0: the checkpoint first (a signal after it loses nothing), then, each ended at once
             by a signal: validation, the samples' scores (--fid-samples, --probe), a sample grid. Then
             every rank goes on together."""
-            nonlocal quality, saved_at
+            nonlocal quality, saved_at, zero_loss
             saved_at = step if checkpoint else saved_at
             if main:
                 if checkpoint:
-                    save_checkpoint(ckpt_path, raw, ema, opt, step, vars(args), data.classes)
+                    save_checkpoint(ckpt_path, raw, ema, opt, step, spec, data.classes, vars(args))
                     if stop.signals:
                         print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; validating "
                               f"(press Ctrl-C again to skip)", flush=True)
@@ -130,6 +137,11 @@ def train(args):
                         log.write(step, val_loss=val, val_loss_per_t=dict(zip(map(str, VAL_TIMES), per_t)))
                         plot_losses(log.path, out / "loss.png")
                         bar.write(f"step {step}: val loss {val:.4f}, checkpoint {ckpt_path}")
+                        zero_loss = zero_loss or validation_loss(PredictsZero(), objective, val_x, val_y, progress=False)[0]
+                        if not val < DIVERGED * zero_loss:        # also true for nan and inf
+                            raise UserError(f"the run diverged: validation loss {val:.3g} at step {step}, against "
+                                            f"{zero_loss:.3g} for a model that outputs 0; {ckpt_path} holds these "
+                                            f"diverged weights. Start again in a new --out-dir with a lower --lr")
                     if samples and (n_metric or args.probe):
                         images, labels = generate(sampling_model, objective, max(n_metric, COPY_SAMPLES * bool(args.probe)),
                                                   args.num_classes, args.channels, args.image_size, device, args.cfg_scale,
@@ -172,9 +184,10 @@ def train(args):
                 bar.update(1)
                 meter.add(stats, args.batch_size)
                 if meter.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    kept = (f"the last checkpoint {ckpt_path} is of step {saved_at}, before them" if saved_at is not None
+                            else "no checkpoint was written")
                     raise UserError(f"the loss or gradient was not finite for {MAX_SKIPS_IN_A_ROW} steps in a row (up to "
-                                    f"step {step}), so no update was made; the last checkpoint {ckpt_path} holds good "
-                                    f"weights (try a lower --lr or --precision fp32)")
+                                    f"step {step}), so no update was made; {kept} (try a lower --lr or --precision fp32)")
                 if step % args.log_every == 0 or step == args.steps:
                     record = meter.pop()
                     log.write(step, lr=lr, **record)
@@ -206,27 +219,6 @@ def train(args):
     return 0
 
 
-def resume(path, args, model, ema, opt, device):
-    """Loads an interrupted run's checkpoint into model, ema and opt, and its random state; returns its step."""
-    ckpt = load_checkpoint(path)
-    old = ckpt["args"]
-    changed = [k for k in ARCH_KEYS if old.get(k) != getattr(args, k)]
-    if changed:
-        raise UserError(f"{path} is from another model: it has " + ", ".join(f"{k}={old.get(k)!r}" for k in changed) +
-                        " but this run asks for " + ", ".join(f"{k}={getattr(args, k)!r}" for k in changed) +
-                        "; pass the same flags or another --out-dir")
-    try:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0]}); use another --out-dir") from None
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"]
-
-
 def compiles(args, device):
     """--compile as given; by default on with CUDA."""
     return device.type == "cuda" if args.compile is None else args.compile
@@ -248,6 +240,14 @@ def sample_from(args):
         raise UserError(f"--sample-from {path}: no such file")
     model, objective, old, ckpt = load_run(path)
     check_sampler(args.sampler, old.objective)
+    if args.npz:                                        # in memory: the samples, their RGB copy; on disk: the RGB copy
+        pixels = args.num_samples * old.image_size ** 2
+        check_fits(pixels * (2 * old.channels + 3), torch.device("cpu"), f"--num-samples {args.num_samples:,} at "
+                   f"{old.image_size} x {old.image_size}", "write fewer samples per file")
+        free = shutil.disk_usage(nearest_folder(Path(args.npz).parent)).free
+        if 3 * pixels > free:
+            raise UserError(f"--npz {args.npz} would take {size(3 * pixels)} and its disk has {size(free)} free: "
+                            f"free space, or write fewer --num-samples")
     sampler = args.sampler or default_sampler(old.objective)
     device = pick_device()
     model = model.to(device)
@@ -361,6 +361,8 @@ def check_args(args, gpu_defaults):
         for flag, path in (("--npz", args.npz), ("--grid", args.grid)):
             if path:
                 check_writable(path, flag, folder=False)
+        if args.grid:
+            check_image_format(args.grid)
         return
     if args.fid_samples is not None and (args.fid_samples < 0 or args.fid_samples == 1):
         raise UserError(f"--fid-samples must be 0 (off) or >= 2, got {args.fid_samples}")
@@ -374,6 +376,8 @@ def check_args(args, gpu_defaults):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.ema_decay <= 1:
         raise UserError(f"--ema-decay must lie in [0, 1], e.g. 0.9999; got {args.ema_decay}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must lie in [0, 2**32), got {args.seed}")
     check_sampler(args.sampler, args.objective)
     if args.dataset in ("cifar10", "fashion-mnist") and args.image_size != 32:
         raise UserError(f"--image-size {args.image_size} does not match {args.dataset}'s 32 x 32 images: use --image-size 32")
@@ -385,15 +389,35 @@ def check_args(args, gpu_defaults):
         raise UserError(f"--probe copy needs the patch size {patch} to divide half the image, {args.image_size / 2:g} pixels, "
                         f"so that each token has a partner: use an image size that is a multiple of {2 * patch}")
     check_writable(args.out_dir, "--out-dir")
+    if args.dataset == "subin" or args.fid_samples or (args.fid_samples is None and torch.cuda.is_available()):
+        check_writable(args.cache_dir, "--cache-dir")     # decoded images, the metric classifier: written minutes in
+    if gpu_defaults and not args.resume and pick_device().type == "cpu":
+        raise UserError(f"no GPU found, and the defaults (DyDiLiT-S/2, batch 128, 10,000 steps) would take many hours on "
+                        f"a CPU. The CPU recipe (about {CPU_RECIPE_MINUTES} minutes on 2 cores): {CPU_RECIPE}; or give "
+                        f"--model, --steps or --batch-size to run as asked")
+    size = D.MODELS[args.model].keywords                  # a training step keeps at least ACTIVATIONS (B, N, C) per block
+    per_process = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+    tokens = (args.image_size // patch) ** 2
+    check_fits(4 * ACTIVATIONS * per_process * tokens * size["hidden_size"] * size["depth"], pick_device(),
+               f"a training step of {per_process:,} images of {args.image_size} x {args.image_size} ({tokens:,} tokens) "
+               f"on {args.model}", "use a smaller --batch-size or --image-size")
+
+
+def check_out_dir(args):
+    """With the folder's lock held: a run there is continued only with --resume, and only a run."""
     ckpt = Path(args.out_dir) / "ckpt.pt"
     if args.resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume, or point --out-dir at the run")
     if not args.resume and ckpt.exists():
         raise UserError(f"{args.out_dir} already holds a run (ckpt.pt): add --resume to continue it, or pick another --out-dir")
-    if gpu_defaults and not args.resume and pick_device().type == "cpu":
-        raise UserError(f"no GPU found, and the defaults (DyDiLiT-S/2, batch 128, 10,000 steps) would take many hours on "
-                        f"a CPU. The CPU recipe (about 25 minutes on 2 cores): {CPU_RECIPE}; or give --model, --steps "
-                        f"or --batch-size to run as asked")
+
+
+def check_image_format(path):
+    from matplotlib.backend_bases import FigureCanvasBase
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(f"--grid {path}: {'.' + suffix if suffix else 'a name without a suffix'} is no image format "
+                        f"matplotlib writes; end it in .png, .jpg, .pdf or .svg")
 
 
 def main(argv=None):
@@ -406,7 +430,11 @@ def main(argv=None):
 
     def run():
         check_args(args, gpu_defaults)
-        return sample_from(args) if args.sample_from else train(args)
+        if args.sample_from:                              # reads a run, writes beside it: no lock needed
+            return sample_from(args)
+        with RunLock(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():   # one run per folder
+            check_out_dir(args)
+            return train(args)
     return cli(run)
 
 

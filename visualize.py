@@ -105,12 +105,14 @@ def find_image(data_dir, index):
 
 
 def run_data(a, data_dir):
-    """The data of a train_tiny run (its args a): from --data-dir if given, else where the run read
-    it if that folder still exists, else the default places."""
-    if data_dir is None and a.data_dir is not None and Path(a.data_dir).is_dir():
-        data_dir = a.data_dir
-    return load_data(a.dataset, data_dir, a.image_size, a.num_classes, a.class_list, a.cache_dir, flip=not a.no_flip,
-                     probe=getattr(a, "probe", None))
+    """The data of a run (load_run's namespace a; train_tiny's flags where the run kept them, at
+    least its dataset): from --data-dir if given, else where the run read it if that folder still
+    exists, else the default places."""
+    kept = vars(a)
+    if data_dir is None and kept.get("data_dir") is not None and Path(kept["data_dir"]).is_dir():
+        data_dir = kept["data_dir"]
+    return load_data(a.dataset, data_dir, a.image_size, a.num_classes, kept.get("class_list"),
+                     kept.get("cache_dir", "./data/cache"), probe=kept.get("probe"))
 
 
 def held_out_index(index, data, name):
@@ -343,6 +345,7 @@ def partner_mass_per_head(model, objective, x0, y, t, noise):
 def from_checkpoints(args, out):
     runs = [(p, *load_run(p)[:3]) for p in args.ckpt]
     first = runs[0][3]
+    check_comparable(runs, args)                           # before any computation
     try:
         data = run_data(first, args.data_dir)
     except UserError as e:
@@ -354,14 +357,6 @@ def from_checkpoints(args, out):
     maps, routers, parts, retrieval = [], [], [], []
     hw, probe = None, getattr(first, "probe", None)
     for path, model, objective, a in runs:
-        if (a.dataset, a.image_size, getattr(a, "probe", None)) != (first.dataset, first.image_size, probe):
-            raise UserError(f"{path} was trained on {a.dataset} at {a.image_size}px (probe {getattr(a, 'probe', None)}), "
-                            f"{args.ckpt[0]} on {first.dataset} at {first.image_size}px (probe {probe}): compare runs on "
-                            f"the same data")
-        if not 0 <= args.layer < len(model.blocks):
-            raise UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
-        if not 0 <= args.head < model.blocks[0].attn.num_heads:
-            raise UserError(f"--head {args.head} is out of range: {path} has heads 0..{model.blocks[0].attn.num_heads - 1}")
         name = f"{a.attn} ({Path(path).parent.name})"
         for t in args.t:
             attn, x = layer_inputs(model, objective, x0, y, t, noise)[args.layer]
@@ -400,6 +395,28 @@ def from_checkpoints(args, out):
     return written
 
 
+def check_comparable(runs, args):
+    """One line, before any computation, unless the runs (path, model, objective, namespace) can be
+    drawn side by side: each names its data, all share it and one token grid, --layer and --head exist."""
+    path0, model0, _, first = runs[0]
+    for path, model, objective, a in runs:
+        if "dataset" not in vars(a):
+            raise UserError(f"{path} does not name the data it was trained on (no 'dataset' among its args): visualize.py "
+                            f"draws the attention on one of its held-out images; save it with args={{'dataset': ...}}")
+        data, data0 = (a.dataset, a.image_size, vars(a).get("probe")), (first.dataset, first.image_size, vars(first).get("probe"))
+        if data != data0:
+            raise UserError(f"{path} was trained on {data[0]} at {data[1]}px (probe {data[2]}), {path0} on {data0[0]} at "
+                            f"{data0[1]}px (probe {data0[2]}): compare runs on the same data")
+        if model.hw != model0.hw:
+            raise UserError(f"{path} sees a {model.hw[0]}x{model.hw[1]} token grid ({a.model}), {path0} a "
+                            f"{model0.hw[0]}x{model0.hw[1]} grid ({first.model}): attention rows compare on one grid; "
+                            f"draw these runs apart")
+        if not 0 <= args.layer < len(model.blocks):
+            raise UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
+        if not 0 <= args.head < model.blocks[0].attn.num_heads:
+            raise UserError(f"--head {args.head} is out of range: {path} has heads 0..{model.blocks[0].attn.num_heads - 1}")
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Attention maps, smoothness and router maps of softmax, linear and DyDiLA attention.",
                                 formatter_class=HelpFormatter)
@@ -430,6 +447,8 @@ def run(args):
         raise UserError(f"--head {args.head} is out of range: the modules have heads 0..{args.heads - 1}")
     if any(not 0 <= t <= 1 for t in args.t):
         raise UserError(f"--t takes noise levels in [0, 1], got {args.t}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must lie in [0, 2**32), got {args.seed}")
     check_writable(out, "--out-dir")
     if args.ckpt and args.layer is None:
         args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2

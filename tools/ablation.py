@@ -27,8 +27,12 @@ from training.quality import SampleQuality, describe, load_inception          # 
 from training.run import HelpFormatter, UserError, check_writable, cli, read_log   # noqa: E402
 
 
+SHARED = ("model", "dataset", "probe", "image_size", "objective", "ddpm_schedule")   # what every run of one table shares
+
+
 def run_label(a):
-    """The ablation row a train_tiny run belongs to, from its arguments (seeds share a row)."""
+    """The ablation row a train_tiny run belongs to: its attention and DyDiLA's switches (the runs'
+    seeds share a row; everything else is SHARED by every run of a table)."""
     if a.attn != "dydila":
         return {"softmax": "DiT (softmax)", "linear": "LiT (linear)"}[a.attn]
     off = [name for name, flag in (("dynamic projection", a.no_dynamic_projection), ("dynamic kernel", a.no_dynamic_kernel),
@@ -42,8 +46,14 @@ def ablation(args, out):
     the table. The entropy uses a held-out image and fixed noise, as --ckpt does. Copy-probe runs
     add their copy error (from the log) and the partner mass of every layer."""
     rows, firsts = {}, []
-    for path in args.ckpt:
-        model, objective, a, _ = load_run(path)
+    loaded = [(path, *load_run(path)[:3]) for path in args.ckpt]
+    path0, _, _, a0 = loaded[0]
+    for path, model, objective, a in loaded:                             # before any computation
+        differ = [k for k in SHARED if vars(a).get(k) != vars(a0).get(k)]
+        if differ:
+            raise UserError(f"{path} and {path0} differ in " + ", ".join(f"{k} ({vars(a).get(k)!r} and {vars(a0).get(k)!r})"
+                            for k in differ) + ": one table compares runs that differ only in attention and seed")
+    for path, model, objective, a in loaded:
         if not 0 <= args.layer < len(model.blocks):
             raise UserError(f"--layer {args.layer} is out of range: {path} has layers 0..{len(model.blocks) - 1}")
         log = Path(path).parent / "log.jsonl"
@@ -59,8 +69,6 @@ def ablation(args, out):
     val_step = max(set.intersection(*reached), default=None)
     first = next(iter(rows.values()))[0][0]
     probe = getattr(first, "probe", None)
-    if any(getattr(a, "probe", None) != probe for runs in rows.values() for a, *_ in runs):
-        raise UserError("the runs mix copy-probe and plain data: compare runs of the same data")
     data = V.run_data(first, args.data_dir)
     i = V.held_out_index(args.index, data, first.dataset)
     x0, y = to_float(data.val_x[i:i + 1]), data.val_y[i:i + 1]
@@ -229,6 +237,8 @@ def run(args):
         raise UserError("--fid-samples must be 0 (off) or >= 2 and --sample-steps >= 1")
     if args.fid_inception and not args.fid_samples:
         raise UserError("--fid-inception needs samples to score: add --fid-samples N")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must lie in [0, 2**32), got {args.seed}")
     check_writable(out, "--out-dir")
     if args.layer is None:
         args.layer = len(load_run(args.ckpt[0])[0].blocks) // 2

@@ -15,6 +15,7 @@ import pickle
 import signal
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .run import UserError, atomic_write, file_digest
+from .run import UserError, atomic_write, check_fits, check_writable, file_digest
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -34,6 +35,7 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
 DEFAULT_DATA_DIR = "./data"                             # the data folder when none is given (created for the CIFAR-10 download)
 DATASETS = ("cifar10", "subin", "fashion-mnist", "synthetic")
+SYNTHETIC_BYTES_PER_PIXEL = 3 * 8 * 2                   # make_synthetic: float64 RGB, the grating and the image
 PROBES = ("copy",)
 
 
@@ -70,6 +72,7 @@ def load_cifar10(data_dir, explicit=True):
     """The official python-version CIFAR-10: a cifar-10-batches-py folder, or its tarball
     (checked against its MD5 before extraction), or a download of the tarball. explicit: the
     user named data_dir, so it must exist (the default ./data is created for the download)."""
+    data_dir = Path(data_dir)
     if explicit and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} does not exist: create it (CIFAR-10 is then downloaded into it), "
                         f"or point it at the folder that holds cifar-10-batches-py")
@@ -77,13 +80,13 @@ def load_cifar10(data_dir, explicit=True):
     if not folder.is_dir():
         if not tarball.exists():
             print(f"downloading CIFAR-10 to {tarball} ...")
-            try:
-                with atomic_write(tarball) as part:             # a failed or stopped download leaves nothing behind
+            with atomic_write(tarball) as part:                 # a failed or stopped download leaves nothing behind
+                try:
                     urllib.request.urlretrieve(CIFAR10_URL, part)
-            except OSError as e:
-                raise UserError(f"cannot download CIFAR-10 ({e.__class__.__name__}: {e}); without network, put "
-                                f"cifar-10-python.tar.gz (from {CIFAR10_URL}) or its extracted cifar-10-batches-py "
-                                f"folder into {data_dir}/") from None
+                except urllib.error.URLError as e:              # the network (a full disk is atomic_write's to say)
+                    raise UserError(f"cannot download CIFAR-10 ({e.__class__.__name__}: {e}); without network, put "
+                                    f"cifar-10-python.tar.gz (from {CIFAR10_URL}) or its extracted cifar-10-batches-py "
+                                    f"folder into {data_dir}/") from None
         digest = file_digest(tarball)
         if digest != CIFAR10_MD5:
             raise UserError(f"{tarball} has MD5 {digest}, expected {CIFAR10_MD5}: the file is corrupt or not "
@@ -111,6 +114,7 @@ def load_cifar10(data_dir, explicit=True):
 
 def read_idx(path):
     """An IDX file (MNIST format), gzipped or not -> numpy array."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -128,6 +132,7 @@ def load_fashion_mnist(data_dir, explicit=True):
     """Fashion-MNIST IDX files from --data-dir (or its fashion-mnist/ folder) or Debian's package
     folder; 28 x 28 padded to 32 x 32, one channel. explicit: the user named data_dir, so it must
     exist; files found in another folder are announced."""
+    data_dir = Path(data_dir)
     if explicit and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} does not exist: point it at the folder with the Fashion-MNIST IDX "
                         f"files, or leave --data-dir out to read Debian's package folder {DEBIAN_FASHION_DIR}")
@@ -156,7 +161,8 @@ def _ignore_ctrl_c():
 
 
 def _decode(job):
-    """One image file -> centre-cropped, resized uint8 (S, S, 3), or None if unreadable."""
+    """One image file -> centre-cropped, resized uint8 (S, S, 3), or None if it cannot be decoded
+    (whatever the reason: an error inside a decoding worker must not reach the pool)."""
     path, size = job
     from PIL import Image                                # Pillow comes with matplotlib
     try:
@@ -167,15 +173,33 @@ def _decode(job):
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             return np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError):
+    except Exception:
         return None
+
+
+def decode_all(jobs):
+    """Decodes (path, size) jobs in worker processes, in order; a worker that dies (killed, out of
+    memory) is a one-line error, never a pool waiting for it forever."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    pool = ProcessPoolExecutor(min(16, os.cpu_count() or 1), initializer=_ignore_ctrl_c)
+    try:
+        return list(tqdm(pool.map(_decode, jobs, chunksize=32), total=len(jobs), desc="decoding Sub-IN"))
+    except BrokenProcessPool:
+        raise UserError(f"a decoding worker died while decoding {len(jobs)} images (killed, or out of memory); "
+                        f"run again, or free memory") from None
+    except Exception as e:                                  # _decode returns None for a bad file: this is the pool's own
+        raise UserError(f"decoding the {len(jobs)} images failed ({e.__class__.__name__}: {e})") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
     """An ImageNet subset ("Sub-IN") from ImageNet's train layout: one folder of images per
     class. Classes: the first num_classes in sorted order, or those listed in class_list.
     Every 50th image of a class (sorted by name) is held out, and the last one of a class with 2 to
-    49 images. Decoded once, then cached."""
+    49 images. Decoded once, then cached in cache_dir. Every folder error is found before decoding."""
+    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} does not exist: point it at ImageNet's train folder (one subfolder per class)")
     folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
@@ -185,6 +209,8 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
         except OSError as e:
             raise UserError(f"cannot read --class-list {class_list}: {e.strerror}") from None
         missing = [c for c in wanted if c not in folders]
+        if not wanted:
+            raise UserError(f"--class-list {class_list} names no classes: write one class folder name per line")
         if missing:
             raise UserError(f"--class-list names {len(missing)} classes with no folder in {data_dir}, e.g. {missing[0]}")
         classes = wanted
@@ -212,9 +238,10 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
         labels = np.array([i for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
         held = np.array([j % 50 == 49 or (2 <= len(files[c]) < 50 and j == len(files[c]) - 1)
                          for c in classes for j in range(len(files[c]))], dtype=bool)
-        import multiprocessing
-        with multiprocessing.Pool(min(16, os.cpu_count() or 1), initializer=_ignore_ctrl_c) as pool:
-            images = list(tqdm(pool.imap(_decode, jobs, chunksize=32), total=len(jobs), desc="decoding Sub-IN"))
+        check_fits(2 * len(jobs) * 3 * image_size ** 2, torch.device("cpu"), f"decoding {len(jobs)} images at "
+                   f"{image_size} x {image_size}", "use a smaller --image-size or fewer classes")   # the decoded list, then stacked
+        check_writable(cache, "--cache-dir", folder=False)      # before the minutes of decoding, not after
+        images = decode_all(jobs)
         ok = np.array([im is not None for im in images], dtype=bool)
         if (~ok).sum():
             print(f"skipped {(~ok).sum()} unreadable files of {len(jobs)} (e.g. {jobs[int(np.argmin(ok))][0]})")
@@ -235,6 +262,8 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
 def make_synthetic(image_size, num_classes=10, n_train=5000, n_val=500):
     """Procedural class-conditional images, no files: class c is a colour grating at angle
     c * 180 / num_classes degrees, with random phase, frequency and brightness."""
+    check_fits(SYNTHETIC_BYTES_PER_PIXEL * (n_train + n_val) * image_size ** 2, torch.device("cpu"),
+               f"drawing {n_train + n_val} synthetic images at {image_size} x {image_size}", "use a smaller --image-size")
     rng = np.random.default_rng(0)                      # fixed: the same data in every run
     yy, xx = np.meshgrid(np.linspace(-1, 1, image_size), np.linspace(-1, 1, image_size), indexing="ij")
     palette = np.stack([np.cos(2 * np.pi * (np.arange(num_classes) / num_classes + k / 3)) for k in range(3)], 1)  # (K, 3)

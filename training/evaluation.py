@@ -7,6 +7,8 @@ sample-quality scores in the log, a second panel).
 
 import argparse
 import math
+from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,16 +22,17 @@ VAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)                  # validation: fixed times
 VAL_NOISE_SEED = 1234
 
 
-def build_model(preset, attn, image_size, channels, num_classes, dynamic_projection=True, dynamic_kernel=True,
-                token_differential=True):
-    """A DyDi-LiT preset of dydilit.MODELS with softmax (DiT), linear (LiT) or DyDiLA attention."""
-    switches = dict(dynamic_projection=dynamic_projection, dynamic_kernel=dynamic_kernel, token_differential=token_differential)
-    return D.MODELS[preset](input_size=image_size, in_channels=channels, num_classes=num_classes, attn=attn,
-                            attn_kwargs=switches if attn == "dydila" else {})
+def build_model(spec):
+    """The model a spec describes (training.run.run_spec: a preset of dydilit.MODELS with softmax
+    (DiT), linear (LiT) or DyDiLA attention and its switches)."""
+    switches = {k: not spec[f"no_{k}"] for k in ("dynamic_projection", "dynamic_kernel", "token_differential")}
+    return D.MODELS[spec["model"]](input_size=spec["image_size"], in_channels=spec["channels"], num_classes=spec["num_classes"],
+                                   attn=spec["attn"], attn_kwargs=switches if spec["attn"] == "dydila" else {})
 
 
-def build_objective(objective, ddpm_schedule="linear"):
-    return D.FlowMatching() if objective == "flow" else D.DDPM(schedule=ddpm_schedule)
+def build_objective(spec):
+    """The objective a spec describes: rectified flow, or DDPM with its noise schedule."""
+    return D.FlowMatching() if spec["objective"] == "flow" else D.DDPM(schedule=spec["ddpm_schedule"])
 
 
 def default_sampler(objective):
@@ -38,28 +41,37 @@ def default_sampler(objective):
 
 
 def load_run(path):
-    """(model with the EMA weights, in eval mode, on the CPU; objective; the run's arguments as a
-    namespace; the checkpoint) of a train_tiny.py checkpoint."""
+    """(model with the EMA weights, in eval mode, on the CPU; objective; the run as a namespace:
+    its arguments (train_tiny.py's flags, where it kept them) and its spec; the checkpoint)."""
     ckpt = load_checkpoint(path)
-    a = argparse.Namespace(**ckpt["args"])
-    model = build_model(a.model, a.attn, a.image_size, a.channels, len(ckpt["classes"]), not a.no_dynamic_projection,
-                        not a.no_dynamic_kernel, not a.no_token_differential)
+    model = build_model(ckpt["spec"])
     try:
         model.load_state_dict(ckpt["ema"])
-    except RuntimeError:
-        raise UserError(f"{path}: the weights do not fit the model its arguments describe; the checkpoint is damaged") from None
-    return model.eval(), build_objective(a.objective, a.ddpm_schedule), a, ckpt
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"{path}: the weights do not fit the model its spec describes; the checkpoint is damaged") from None
+    return model.eval(), build_objective(ckpt["spec"]), argparse.Namespace(**{**ckpt["args"], **ckpt["spec"]}), ckpt
+
+
+class PredictsZero(torch.nn.Module):
+    """The model that outputs 0: its validation loss is where every DiT-initialised run starts."""
+
+    def forward(self, x, t, y):
+        return torch.zeros_like(x)
 
 
 @torch.no_grad()
-def validation_loss(model, objective, val_x, val_y, amp):
-    """Mean loss over the held-out images at the fixed times VAL_TIMES with fixed noise.
-    Depends only on the data and the weights: runs of different attentions compare fairly."""
+def validation_loss(model, objective, val_x, val_y, amp=None, progress=True):
+    """Mean loss over the held-out images at the fixed times VAL_TIMES with fixed noise, and the
+    loss at each time. Depends only on the data and the weights: runs of different attentions
+    compare fairly. amp: a function returning the context of the forward passes (precision_context's,
+    e.g. bf16 autocast); None: full precision. progress: a progress bar."""
+    amp = amp or nullcontext
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(VAL_NOISE_SEED)
     per_t = []
-    with tqdm(total=len(VAL_TIMES) * math.ceil(len(val_x) / 256), desc="validation", leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=len(VAL_TIMES) * math.ceil(len(val_x) / 256), desc="validation", leave=False, dynamic_ncols=True,
+              disable=not progress) as bar:
         for tv in VAL_TIMES:
             total = 0.0
             for i in range(0, len(val_x), 256):
@@ -85,9 +97,10 @@ def pyplot():
 
 
 @torch.no_grad()
-def generate(model, objective, n, num_classes, channels, size, device, cfg_scale, steps, sampler, amp, batch=250, seed=0):
+def generate(model, objective, n, num_classes, channels, size, device, cfg_scale, steps, sampler, amp=None, batch=250, seed=0):
     """n EMA samples with class-balanced labels (0, 1, ..., K-1, 0, 1, ...) from a fixed seed:
-    uint8 images (n, c, S, S) and labels (n,)."""
+    uint8 images (n, c, S, S) and labels (n,). amp: as in validation_loss (None: full precision)."""
+    amp = amp or nullcontext
     was_training = model.training
     model.eval()
     labels = torch.arange(n) % num_classes
@@ -104,8 +117,10 @@ def generate(model, objective, n, num_classes, channels, size, device, cfg_scale
 
 
 @torch.no_grad()
-def sample_grid(model, objective, classes, channels, size, device, path, cfg_scale, steps, sampler, amp, per_class=8):
-    """Rows: up to 10 classes; columns: samples; from a fixed generator. Writes a PNG."""
+def sample_grid(model, objective, classes, channels, size, device, path, cfg_scale, steps, sampler, amp=None, per_class=8):
+    """Rows: up to 10 classes; columns: samples; from a fixed generator. Writes an image file at
+    path (str or Path; PNG, or another format matplotlib writes). amp: as in validation_loss."""
+    path, amp = Path(path), amp or nullcontext
     plt = pyplot()
     was_training = model.training
     model.eval()
@@ -133,7 +148,7 @@ def sample_grid(model, objective, classes, channels, size, device, path, cfg_sca
 def plot_losses(log_path, png_path):
     """The losses; with sample-quality scores in the log, a panel with FD-cnn (and FID) of the EMA
     samples, the held-out real images' values dashed; with the copy probe's, a panel of its copy error."""
-    plt = pyplot()
+    log_path, plt = Path(log_path), pyplot()
     rows = read_log(log_path)
     scored = [r for r in rows if "fd_cnn" in r]
     copied = [r for r in rows if "copy_error" in r]

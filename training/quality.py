@@ -43,6 +43,7 @@ def gaussian_stats(features):
 
 def read_cache(path, what):
     """A cached file of plain tensors, or None if there is none; a damaged one is a one-line error."""
+    path = Path(path)
     if not path.exists():
         return None
     try:
@@ -92,7 +93,7 @@ def metric_classifier(data, dataset, cache_dir, device):
     """The metric's classifier for this dataset: trained on the training split the first time
     (seeded), then read from cache_dir. Returns (cnn, (mu, cov) of the training set's features,
     held-out accuracy)."""
-    x, y = data.train_x, data.train_y
+    x, y, cache_dir = data.train_x, data.train_y, Path(cache_dir)
     key = data_key("metric-cnn-v2", dataset, CNN_STEPS, CNN_BATCH, CNN_LR, len(data.classes), images=x)
     path = cache_dir / f"metric-cnn-{dataset}-{x.shape[-1]}px-{len(x)}-{key}.pt"
     with torch.random.fork_rng(devices=[]):                   # the training run's random numbers stay untouched
@@ -174,7 +175,7 @@ def inception_features(net, images, device, batch=100, desc=None):
 def inception_reference(net, net_hash, data, dataset, n, cache_dir, device):
     """(mu, cov) of the Inception features of max(FID_REFERENCE_MIN, n) training images (all of
     them if fewer; a fixed random subset), computed once and cached."""
-    x = data.train_x
+    x, cache_dir = data.train_x, Path(cache_dir)
     n_ref = min(len(x), max(FID_REFERENCE_MIN, n))
     key = data_key("fid-ref-v1", dataset, n_ref, net_hash, images=x)
     path = cache_dir / f"fid-ref-{dataset}-{x.shape[-1]}px-{n_ref}-{key}.pt"
