@@ -361,11 +361,11 @@ def gpu_check_runs(out):
 
 
 @pytest.mark.slow
-def test_gpu_check_twice_from_another_folder_with_a_relative_out_dir_reports_each_runs_own(tmp_path):
+def test_gpu_check_twice_from_another_folder_with_a_relative_out_dir_reports_each_runs_own(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")                  # not the repository: the command line runs from its own folder
     for _ in range(2):
-        proc = run_py("tools/gpu_check.py", ["--smoke", "--backend", "eager", "--out-dir", "rel/out"], tmp_path / "elsewhere")
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert gpu_check.main(["--smoke", "--backend", "eager", "--out-dir", "rel/out"]) == 0
     runs = gpu_check_runs(tmp_path / "elsewhere" / "rel" / "out")
     assert len(runs) == 2                                       # a fresh folder each
     for run in runs:
@@ -387,19 +387,9 @@ def test_gpu_check_twice_from_another_folder_with_a_relative_out_dir_reports_eac
 
 
 @pytest.mark.slow
-def test_gpu_check_writes_a_failing_row_with_its_reason_and_goes_on(tmp_path, capsys, monkeypatch):
+def test_gpu_check_writes_a_failing_row_goes_on_and_cut_by_its_deadline_leaves_what_it_measured(tmp_path, monkeypatch):
     monkeypatch.setitem(gpu_check.ROWS, "Broken", dict(attn="dydila", attn_kwargs={"num_kernels": 0}))
-    monkeypatch.setattr(gpu_check.GpuCheck, "command_line", lambda self, *a, **k: self.report.line("(command line skipped)"))
-    assert gpu_check.main(["--smoke", "--backend", "eager", "--out-dir", "out"]) == 1
-    md = (gpu_check_runs("out")[0] / "gpu_check.md").read_text()
-    assert md.count("| Broken | failed: ValueError: num_kernels") == 3     # eager; compiled: its compile and step rows
-    assert "| Broken | not measured: no compiled model (section 2) | |" in md
-    assert "| DyDi-LiT | " in md.split("3. Sampling")[1] and "| 256 | " in md       # the other rows went on
-    assert "2 part(s) failed or were cut" in md
 
-
-@pytest.mark.slow
-def test_gpu_check_cut_by_its_deadline_leaves_what_it_measured(tmp_path, capsys, monkeypatch):
     def stuck(self):                                            # a compile that never finishes
         time.sleep(60)
     monkeypatch.setattr(gpu_check.GpuCheck, "sampling", stuck)
@@ -410,11 +400,15 @@ def test_gpu_check_cut_by_its_deadline_leaves_what_it_measured(tmp_path, capsys,
     assert time.perf_counter() - t0 < 40
     run = gpu_check_runs("out")[0]
     md = (run / "gpu_check.md").read_text()
-    assert "| DyDi-LiT | " in md.split("2. Training step, compiled")[1]                # sections 1 and 2, whole
+    assert md.count("| Broken | failed: ValueError: num_kernels") == 3     # eager; compiled: its compile and step rows
+    for row in ("DiT", "LiT", "DyDi-LiT"):                                   # the others went on, sections 1 and 2 whole
+        assert md.split("2. Training step, compiled")[1].count(f"| {row} | ") == 2, row
     assert "Stopped by the deadline in section 3" in md and "not measured: 4. One attention module" in md
     assert "stopped at the deadline; its last line:" in md and "checkpoint" in md
-    sections = {row["section"] for row in csv.DictReader(open(run / "gpu_check.csv"))}
-    assert sections == {"training step, eager", "training step, compiled", "command line"}
+    assert "in all; 4 part(s) failed or were cut" in md                       # Broken twice, the deadline twice
+    rows = list(csv.DictReader(open(run / "gpu_check.csv")))
+    assert {r["section"] for r in rows} == {"training step, eager", "training step, compiled", "command line"}
+    assert [r["value"] for r in rows if r["row"] == "Broken"] == ["ValueError: num_kernels = 0 must be a whole number >= 1"] * 2
 
 
 def test_gpu_check_refuses_an_unknown_backend_in_one_line(tmp_path, capsys):
