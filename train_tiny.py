@@ -44,7 +44,7 @@ COPY_SAMPLES = 100                                      # --probe copy: EMA samp
 GPU_SIZED = ("model", "steps", "batch_size")            # flags whose defaults are sized for one GPU
 DATA_KEYS = ("dataset", "probe")                        # with the spec: what a resumed run must share with its checkpoint
 ACTIVATIONS = 8                                         # (B, N, C) float32 tensors a block keeps for the backward, at least
-CPU_RECIPE_MINUTES = 18                                 # its wall clock on 2 cores (docs/BENCHMARKS.md, "The CPU recipe")
+CPU_RECIPE_MINUTES = 25                                 # its wall clock on 2 cores (docs/BENCHMARKS.md, "The CPU recipe")
 CPU_RECIPE = ("python train_tiny.py --dataset fashion-mnist --model DyDiLiT-T/4 --batch-size 32 --steps 1200 "
               "--eval-every 400 --sample-every 600 --val-size 256 --sample-steps 20 --fid-samples 500")
 
@@ -395,10 +395,10 @@ def check_args(args, gpu_defaults):
         raise UserError(f"no GPU found, and the defaults (DyDiLiT-S/2, batch 128, 10,000 steps) would take many hours on "
                         f"a CPU. The CPU recipe (about {CPU_RECIPE_MINUTES} minutes on 2 cores): {CPU_RECIPE}; or give "
                         f"--model, --steps or --batch-size to run as asked")
-    size = D.MODELS[args.model].keywords                  # a training step keeps at least ACTIVATIONS (B, N, C) per block
+    dims = D.MODELS[args.model].keywords                  # a training step keeps at least ACTIVATIONS (B, N, C) per block
     per_process = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
     tokens = (args.image_size // patch) ** 2
-    check_fits(4 * ACTIVATIONS * per_process * tokens * size["hidden_size"] * size["depth"], pick_device(),
+    check_fits(4 * ACTIVATIONS * per_process * tokens * dims["hidden_size"] * dims["depth"], pick_device(),
                f"a training step of {per_process:,} images of {args.image_size} x {args.image_size} ({tokens:,} tokens) "
                f"on {args.model}", "use a smaller --batch-size or --image-size")
 

@@ -14,8 +14,8 @@ measured. In order, with bf16 autocast on CUDA:
      DyDi-LiT without compilation, the models taking turns round by round: a GPU number in a minute;
   2. the same step through torch.compile (Inductor): compile time and peak memory as each model
      compiles, then the step times;
-  3. sampling throughput of the compiled models: 50 Euler steps with guidance, images per second;
-  4. one attention module (S width) forward+backward at 1,024, 4,096 and 16,384 tokens, compiled;
+  3. one attention module (S width) forward+backward at 1,024, 4,096 and 16,384 tokens, compiled;
+  4. sampling throughput of the compiled models: 50 Euler steps with guidance, images per second;
   5. the real command line: train_tiny.py on synthetic data for 300 steps with its defaults.
 A row that fails (a compile error, out of memory) is written with its one-line reason and the check
 goes on. Sections 1-4 stop where they are when only the command line's reserve is left; the command
@@ -129,7 +129,7 @@ class GpuCheck:
         self.compile = functools.partial(torch.compile, backend=cfg["backend"], dynamic=False)
         self.x = torch.randn(cfg["batch"], 3, cfg["image"], cfg["image"], device=device)
         self.y = torch.randint(0, 10, (cfg["batch"],), device=device)
-        self.compiled = {}                                        # name -> compiled model (section 2, for section 3)
+        self.compiled = {}                                        # name -> compiled model (section 2, for section 4)
 
     def step(self, model, opt):
         D.training_step(model, D.FlowMatching(), opt, self.x, self.y, amp_dtype=self.amp_dtype)
@@ -215,7 +215,7 @@ class GpuCheck:
             report.line("Target: DyDi-LiT's compiled step at most 1.5 times LiT's.")
 
     def sampling(self):
-        """3. Sampling throughput of each compiled model: a 2-step warm-up (compiles), then a whole run."""
+        """4. Sampling throughput of each compiled model: a 2-step warm-up (compiles), then a whole run."""
         section, cfg, device, report = "sampling", self.cfg, self.device, self.report
         flow, y = D.FlowMatching(), torch.arange(cfg["sample_batch"], device=device) % 10
         shape = (cfg["sample_batch"], 3, cfg["image"], cfg["image"])
@@ -245,7 +245,7 @@ class GpuCheck:
         free_memory(device)
 
     def attention(self):
-        """4. One attention module's forward+backward, compiled, at each token count: median ms,
+        """3. One attention module's forward+backward, compiled, at each token count: median ms,
         compile s, peak MiB; one row per token count as it is measured."""
         section, cfg, device, report = "attention", self.cfg, self.device, self.report
         report.line("| tokens | softmax | linear | DyDiLA |")
@@ -372,7 +372,7 @@ def check(args, argv):
                 f"{cfg['width']}, {cfg['heads']} heads, batch 1, forward+backward, compiled (median ms; compile s; peak MiB).")
     gpu = GpuCheck(cfg, rows, device, report)
     sections = [("1. Training step, eager", gpu.eager_steps), ("2. Training step, compiled", gpu.compiled_steps),
-                ("3. Sampling, compiled", gpu.sampling), ("4. One attention module", gpu.attention)]
+                ("3. One attention module", gpu.attention), ("4. Sampling, compiled", gpu.sampling)]
     with deadline(end - cfg["cli_reserve_s"]):                    # sections 1-4 leave the command line its reserve
         try:
             for i, (title, section) in enumerate(sections):

@@ -185,11 +185,9 @@ def decode_all(jobs):
     pool = ProcessPoolExecutor(min(16, os.cpu_count() or 1), initializer=_ignore_ctrl_c)
     try:
         return list(tqdm(pool.map(_decode, jobs, chunksize=32), total=len(jobs), desc="decoding Sub-IN"))
-    except BrokenProcessPool:
+    except BrokenProcessPool:                               # (an error inside _decode is a file it cannot read)
         raise UserError(f"a decoding worker died while decoding {len(jobs)} images (killed, or out of memory); "
                         f"run again, or free memory") from None
-    except Exception as e:                                  # _decode returns None for a bad file: this is the pool's own
-        raise UserError(f"decoding the {len(jobs)} images failed ({e.__class__.__name__}: {e})") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -49,7 +49,7 @@ def load_run(path):
         model.load_state_dict(ckpt["ema"])
     except (RuntimeError, TypeError, AttributeError):
         raise UserError(f"{path}: the weights do not fit the model its spec describes; the checkpoint is damaged") from None
-    return model.eval(), build_objective(ckpt["spec"]), argparse.Namespace(**{**ckpt["args"], **ckpt["spec"]}), ckpt
+    return model.eval(), build_objective(ckpt["spec"]), argparse.Namespace(**{**ckpt.get("args", {}), **ckpt["spec"]}), ckpt
 
 
 class PredictsZero(torch.nn.Module):

@@ -267,7 +267,8 @@ def load_checkpoint(path):
         problem = "it holds a bare state_dict (weights, and nothing that says which model they belong to)"
     else:
         missing = [k for k in ("spec", "model", "ema", "classes", "step") if k not in ckpt]
-        problem = (f"it has no {', '.join(repr(k) for k in missing)}" if missing else spec_problem(ckpt["spec"]))
+        problem = (f"it has no {', '.join(repr(k) for k in missing)}" if missing else
+                   "its 'args' are not a dict" if not isinstance(ckpt.get("args", {}), dict) else spec_problem(ckpt["spec"]))
     if problem:
         raise UserError(f"{path} is not a dydilit checkpoint: {problem}; {CHECKPOINT_HOLDS}")
     return ckpt
@@ -321,6 +322,10 @@ class RunLock:
                 os.close(fd)
                 raise UserError(f"{self.path.parent} is in use by another run ({holder}): wait for it to end, stop it, "
                                 f"or pick another {self.flag}") from None
+            except OSError as e:                                # a file system without locks (some network mounts)
+                os.close(fd)
+                print(f"note: {self.path.parent} cannot be locked ({e.strerror}): make sure no other run writes there")
+                return self
             try:                                                # the file a run just unlinked as it ended: open it again
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
