@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ def train(args):
     out = Path(args.out_dir)
     ckpt_path = out / "ckpt.pt"
     before = "the checkpoint is as it was" if args.resume else "nothing was written"
-    with GracefulStop(note=f"before the first training step: {before}") as stop:
+    with GracefulStop(note=f"before the first training step: {before}") as stop, own_out_dir(args):
         # --- setup: devices, DDP; what was asked for is checked before any work ------------
         ddp, rank, world, device = init_distributed()
         stop.ddp, main = ddp, rank == 0
@@ -403,8 +403,16 @@ def check_args(args, gpu_defaults):
                f"on {args.model}", "use a smaller --batch-size or --image-size")
 
 
+@contextmanager
+def own_out_dir(args):
+    """One run per --out-dir: its lock (rank 0 holds it) for the run's lifetime. With it held, a run
+    there is continued only with --resume, and --resume needs a run there."""
+    with RunLock(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        check_out_dir(args)
+        yield
+
+
 def check_out_dir(args):
-    """With the folder's lock held: a run there is continued only with --resume, and only a run."""
     ckpt = Path(args.out_dir) / "ckpt.pt"
     if args.resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume, or point --out-dir at the run")
@@ -430,11 +438,7 @@ def main(argv=None):
 
     def run():
         check_args(args, gpu_defaults)
-        if args.sample_from:                              # reads a run, writes beside it: no lock needed
-            return sample_from(args)
-        with RunLock(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():   # one run per folder
-            check_out_dir(args)
-            return train(args)
+        return sample_from(args) if args.sample_from else train(args)
     return cli(run)
 
 
