@@ -379,7 +379,11 @@ def check(args, argv):
                 report.line()
                 report.line(f"{title} ({time.perf_counter() - start:.0f} s in)")
                 report.line()
-                section()
+                try:
+                    section()
+                except Exception as e:                            # not one row: the section itself (and on)
+                    report.line(f"The section failed: {report.failed(title, 'all', e)}.")
+                    free_memory(device)
         except OutOfTime:
             report.failures += 1
             report.line()
@@ -397,6 +401,8 @@ def check(args, argv):
         except OutOfTime:
             report.failures += 1
             report.line("Stopped by the deadline before the command line's result was written.")
+        except Exception as e:
+            report.line(f"The command line could not be run: {report.failed('command line', 'train_tiny.py', e)}.")
     report.line()
     report.line(f"{(time.perf_counter() - start) / 60:.1f} min in all; "
                 + (f"{report.failures} part(s) failed or were cut (see above)." if report.failures else "every part measured."))
