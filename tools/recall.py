@@ -1,0 +1,393 @@
+"""
+Associative recall on a token grid: does an attention retrieve one key among N, and does that
+fall apart as N outgrows a linear-attention head's d x d state?
+
+    python tools/recall.py                                  # one point (DyDiLA, 64 tokens): about a minute on a CPU
+    python tools/recall.py --attn linear --tokens 256 --head-dim 64
+    python tools/recall.py --sweep                          # the whole grid, resumable: assets/recall.csv, recall.png
+
+The task (bidirectional multi-query associative recall, MQAR; Zoology, Arora et al. 2023): on an
+H x W grid, half the tokens are memory tokens, each with a fresh random key (a unit vector) and one
+of V value classes; the other half are queries, each carrying the key of exactly one memory token,
+its partner; all places are random. The answer at a query is its partner's value; chance is 1/V.
+Nothing carries over between examples and there is no position embedding: positions tell nothing.
+
+The model: an input projection, `depth` pre-norm residual [attention, MLP] blocks and a classifier
+head; the attention is the project's own (SoftmaxAttention, LinearAttention, DyDiLA with its
+switches) and is all that differs between rows. Measures on fresh held-out examples: query
+accuracy; per layer, each query row's attention on its partner key (the copy probe's partner mass:
+1/N uniform, 1 exact retrieval; mean over heads and the best head) and its entropy / log N.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))                                     # dydilit.py and the scripts live one folder up
+import dydilit as D                                               # noqa: E402
+from training.evaluation import pyplot                            # noqa: E402
+from training.run import HelpFormatter, UserError, atomic_write, check_writable, cli   # noqa: E402
+from visualize import row_entropy                                 # noqa: E402
+
+# rows: an attention and its keywords (DyDiLA's switches)
+ROWS = {"softmax": ("softmax", {}), "linear": ("linear", {}), "dydila": ("dydila", {}),
+        "dydila, no dynamic projection": ("dydila", {"dynamic_projection": False}),
+        "dydila, no dynamic kernel": ("dydila", {"dynamic_kernel": False}),
+        "dydila, no token differential": ("dydila", {"token_differential": False})}
+# the training of every point: the same for every row (README item in docs/BENCHMARKS.md, "Recall")
+TRAIN = dict(width=64, depth=2, values=16, key_dim=32, steps=1000, batch=32, lr=1e-3, warmup=100)
+EVAL_EXAMPLES, MEASURE_EXAMPLES = 256, 16                         # accuracy; attention measures (N x N each)
+# the sweep: (row, tokens, head dim), 3 seeds each
+SWEEP = ([(row, n, 32) for row in ("softmax", "linear", "dydila") for n in (64, 256, 1024)]
+         + [(row, n, 32) for row in list(ROWS)[3:] for n in (64, 256)]
+         + [(row, 256, d) for row in ("linear", "dydila") for d in (16, 64)])
+SEEDS = (0, 1, 2)
+FIELDS = ["row", "tokens", "head_dim", "seed", "steps", "accuracy", "partner_mass", "best_head", "entropy",
+          "partner_mass_per_layer", "best_head_per_layer", "seconds", "threads"]
+
+
+# ----------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------
+
+def grid(tokens):
+    """The H x W grid of N tokens: N must be an even square (half memory, half queries)."""
+    side = math.isqrt(tokens)
+    if tokens < 4 or side * side != tokens or tokens % 2:
+        raise UserError(f"--tokens {tokens} must be an even square (64, 256, 1024, ...): the tokens lie on a square grid, "
+                        f"half of them memory, half queries")
+    return side, side
+
+
+def recall_batch(batch, hw, values, key_dim, generator):
+    """(inputs (B, N, 2 + key_dim + values), targets (B, N) with -100 at memory tokens, partner
+    (B, N) the partner's position of each query and -1 at memory tokens). Each input row is
+    [memory?, query?, key, value one-hot (zeros for a query)]."""
+    N = hw[0] * hw[1]
+    M = N // 2                                                    # memory tokens = queries
+    g = generator
+    places = torch.rand(batch, N, generator=g).argsort(1)         # random places: memory first, then queries
+    memory, query = places[:, :M], places[:, M:]                  # (B, M) positions each
+    keys = F.normalize(torch.randn(batch, M, key_dim, generator=g), dim=-1)     # fresh keys (B, M, key_dim)
+    value = torch.randint(0, values, (batch, M), generator=g)     # (B, M)
+    asked = torch.rand(batch, M, generator=g).argsort(1)          # query j asks memory token asked[j]
+    b = torch.arange(batch)[:, None]
+    x = torch.zeros(batch, N, 2 + key_dim + values)
+    x[b, memory, 0] = 1
+    x[b, memory, 2:2 + key_dim] = keys
+    x[b, memory, 2 + key_dim + value] = 1
+    x[b, query, 1] = 1
+    x[b, query, 2:2 + key_dim] = keys[b, asked]
+    targets = torch.full((batch, N), -100)
+    targets[b, query] = value[b, asked]
+    partner = torch.full((batch, N), -1)
+    partner[b, query] = memory[b, asked]
+    return x, targets, partner
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm residual [attention, MLP]."""
+
+    def __init__(self, width, heads, attn, attn_kwargs):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = D.ATTENTIONS[attn](width, heads, **attn_kwargs)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x, hw):
+        x = x + self.attn(self.norm1(x), hw)                      # (B, N, C)
+        return x + self.mlp(self.norm2(x))
+
+
+class RecallModel(nn.Module):
+    def __init__(self, row, head_dim, width, depth, values, key_dim):
+        super().__init__()
+        if row not in ROWS:
+            raise UserError(f"unknown row '{row}': choose one of {', '.join(ROWS)}")
+        if head_dim < 1 or width % head_dim:
+            raise UserError(f"--head-dim {head_dim} does not divide the width {width}: use one of "
+                            f"{', '.join(str(d) for d in range(1, width + 1) if width % d == 0)}")
+        attn, kw = ROWS[row]
+        self.embed = nn.Linear(2 + key_dim + values, width)
+        self.blocks = nn.ModuleList(Block(width, width // head_dim, attn, kw) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, values)
+
+    def forward(self, x, hw):
+        h = self.embed(x)                                         # (B, N, C), no position embedding
+        for block in self.blocks:
+            h = block(h, hw)
+        return self.head(self.norm(h))                            # (B, N, values)
+
+
+# ----------------------------------------------------------------------------------------
+# Measures
+# ----------------------------------------------------------------------------------------
+
+def partner_mass(A, partner):
+    """Each query row's share of attention on its partner key. A (B, h, N, N), partner (B, N) with
+    -1 at memory tokens -> (B, h, Q) for the Q queries of each example (uniform rows: 1/N)."""
+    rows = partner >= 0                                           # (B, N) the query rows
+    B, h, N, _ = A.shape
+    A = A.double()
+    mass = A.gather(-1, partner.clamp(min=0)[:, None, :, None].expand(B, h, N, 1))[..., 0] / A.sum(-1)   # (B, h, N)
+    return mass[rows[:, None, :].expand(B, h, N)].view(B, h, -1)
+
+
+@torch.no_grad()
+def measure(model, hw, tr, seed):
+    """Query accuracy on EVAL_EXAMPLES fresh examples; on MEASURE_EXAMPLES more, per layer, the
+    partner mass (mean over heads, and the best head's) and the query rows' entropy / log N. The
+    summary is the layer that retrieves most (retrieval needs one): its partner mass, its best
+    head's, its entropy."""
+    model.eval()
+    g = torch.Generator().manual_seed(10_000 + seed)              # held out: a generator training never uses
+    right = total = 0
+    for _ in range(EVAL_EXAMPLES // 32):
+        x, y, _ = recall_batch(32, hw, tr["values"], tr["key_dim"], g)
+        pred = model(x, hw).argmax(-1)
+        right += (pred == y)[y >= 0].sum().item()
+        total += (y >= 0).sum().item()
+    x, _, partner = recall_batch(MEASURE_EXAMPLES, hw, tr["values"], tr["key_dim"], g)
+    inputs = []
+    hooks = [block.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for block in model.blocks]
+    model(x, hw)
+    for hook in hooks:
+        hook.remove()
+    mean, best, entropy = [], [], []
+    for block, x_in in zip(model.blocks, inputs):
+        A = block.attn.attention_matrix(x_in, hw)                 # (B, h, N, N)
+        mass = partner_mass(A, partner).mean((0, 2))              # (h,) over examples and queries
+        mean.append(mass.mean().item())
+        best.append(mass.max().item())
+        entropy.append(row_entropy(A)[(partner >= 0)[:, None, :].expand(A.shape[:3])].mean().item())
+    top = max(range(len(mean)), key=mean.__getitem__)             # the layer that retrieves most
+    return dict(accuracy=right / total, partner_mass=mean[top], best_head=best[top], entropy=entropy[top],
+                partner_mass_per_layer=mean, best_head_per_layer=best)
+
+
+def train_point(row, tokens, head_dim, seed, tr=TRAIN, progress=False):
+    """Trains one point from its seed and measures it: a dict of FIELDS."""
+    hw = grid(tokens)
+    torch.manual_seed(seed)
+    model = RecallModel(row, head_dim, tr["width"], tr["depth"], tr["values"], tr["key_dim"])
+    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=0)
+    g = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    steps = range(tr["steps"])
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc=f"{row}, N={tokens}, d={head_dim}, seed {seed}", dynamic_ncols=True)
+    for step in steps:
+        for group in opt.param_groups:                            # linear warmup, then cosine to 0
+            group["lr"] = tr["lr"] * min((step + 1) / tr["warmup"], 0.5 * (1 + math.cos(math.pi * step / tr["steps"])))
+        x, y, _ = recall_batch(tr["batch"], hw, tr["values"], tr["key_dim"], g)
+        loss = F.cross_entropy(model(x, hw).flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress and step % 50 == 0:
+            steps.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - start
+    return dict(row=row, tokens=tokens, head_dim=head_dim, seed=seed, steps=tr["steps"], **measure(model, hw, tr, seed),
+                seconds=seconds, threads=torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------------------
+# The sweep: resumable, two points at a time
+# ----------------------------------------------------------------------------------------
+
+def read_points(path, steps=None):
+    """The finished points of the sweep's CSV: {(row, tokens, head_dim, seed): record}; steps: the
+    training steps they must all have had."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        points = {(r["row"], int(r["tokens"]), int(r["head_dim"]), int(r["seed"])): r for r in csv.DictReader(f)}
+    other = {r["steps"] for r in points.values()} - {str(steps)}
+    if steps is not None and other:
+        raise UserError(f"{path} holds points of {', '.join(sorted(other))} training steps, not {steps}: one sweep trains "
+                        f"every point alike; pick another --csv")
+    return points
+
+
+def sweep(args):
+    """Every point of SWEEP x SEEDS not yet in the CSV, --jobs at a time, each in its own process on
+    one thread; each finished point is appended to the CSV at once (a stopped sweep continues)."""
+    from tqdm import tqdm
+    path = Path(args.csv)
+    done = read_points(path, args.steps)
+    todo = sorted(((row, n, d, s) for row, n, d in SWEEP for s in SEEDS if (row, n, d, s) not in done),
+                  key=lambda p: (p[1], p[3]))                     # the short points first, a seed of every row at a time
+    print(f"{len(done)} of {len(SWEEP) * len(SEEDS)} points in {path}; {len(todo)} to go, {args.jobs} at a time")
+    if not path.exists():
+        with atomic_write(path) as tmp:
+            tmp.write_text(",".join(FIELDS) + "\n")
+    running = []
+    bar = tqdm(total=len(todo), desc="recall sweep", dynamic_ncols=True)
+    try:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                row, n, d, s = todo.pop(0)
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--attn", row, "--tokens", str(n), "--head-dim", str(d),
+                       "--seed", str(s), "--steps", str(args.steps), "--threads", "1", "--json"]
+                running.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                                                env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            time.sleep(0.5)
+            for proc in [p for p in running if p.poll() is not None]:
+                running.remove(proc)
+                out = proc.stdout.read().strip().splitlines()
+                if proc.returncode or not out:
+                    raise UserError(f"a point failed (exit {proc.returncode}): {' '.join(proc.args[2:])}")
+                record = json.loads(out[-1])
+                record.update({k: " ".join(f"{m:.4f}" for m in record[k]) for k in ("partner_mass_per_layer", "best_head_per_layer")})
+                with open(path, "a", newline="") as f:
+                    csv.DictWriter(f, FIELDS).writerow(record)
+                bar.update(1)
+                bar.write(f"{record['row']}, N={record['tokens']}, d={record['head_dim']}, seed {record['seed']}: accuracy "
+                          f"{record['accuracy']:.3f}, partner mass {record['partner_mass']:.3f} ({record['seconds']:.0f} s)")
+    finally:
+        for proc in running:                                      # Ctrl-C: unfinished points are run again next time
+            proc.kill()
+        bar.close()
+    return figure(path, Path(args.figure))
+
+
+def figure(path, png):
+    """Accuracy against N (one line per row, the seed spread as a band), partner mass against N,
+    and accuracy against head dim at 256 tokens; the table in markdown on stdout."""
+    points = read_points(path)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    table = {}
+    for key, r in points.items():
+        table.setdefault(key[:3], []).append(r)
+    for i, row in enumerate(ROWS):
+        for ax, field in ((axes[0], "accuracy"), (axes[1], "partner_mass")):
+            ns = sorted({n for (r, n, d) in table if r == row and d == 32})
+            if not ns:
+                continue
+            vals = [[float(r[field]) for r in table[(row, n, 32)]] for n in ns]
+            ax.plot(ns, [statistics.mean(v) for v in vals], "o-" if i < 3 else "s--", color=f"C{i}", label=row, ms=5)
+            ax.fill_between(ns, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
+        ds = sorted({d for (r, n, d) in table if r == row and n == 256})
+        if len(ds) > 1:
+            vals = [[float(r["accuracy"]) for r in table[(row, 256, d)]] for d in ds]
+            axes[2].plot(ds, [statistics.mean(v) for v in vals], "o-", color=f"C{i}", label=row)
+            axes[2].fill_between(ds, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
+    chance = 1 / TRAIN["values"]
+    axes[0].axhline(chance, color="gray", ls=":", lw=1, label=f"chance, 1/{TRAIN['values']}")
+    axes[0].set(xscale="log", xlabel="tokens N (half of them key-value pairs)", ylabel="query accuracy",
+                title="recall against length (head dim 32; band: 3 seeds' range)")
+    ns = sorted({n for (_, n, _) in table})
+    axes[1].plot(ns, [1 / n for n in ns], color="gray", ls=":", lw=1, label="uniform rows, 1/N")
+    axes[1].set(xscale="log", yscale="log", xlabel="tokens N", ylabel="attention on the partner key",
+                title="partner mass (the layer that retrieves most, mean over heads)")
+    axes[2].axhline(chance, color="gray", ls=":", lw=1)
+    axes[2].set(xscale="log", xlabel="head dim d (state d x d per head; width 64)", ylabel="query accuracy",
+                title="recall against state size at N = 256")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.title.set_fontsize(10)
+    for ax in (axes[0], axes[2]):
+        ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    with atomic_write(png) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    print("| row | tokens | head dim | accuracy (per seed) | mean | partner mass (per seed) | mean | entropy / log N | s per point |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (row, n, d), rs in sorted(table.items(), key=lambda kv: (list(ROWS).index(kv[0][0]), kv[0][2], kv[0][1])):
+        rs = sorted(rs, key=lambda r: int(r["seed"]))
+        acc, mass = [float(r["accuracy"]) for r in rs], [float(r["partner_mass"]) for r in rs]
+        print(f"| {row} | {n} | {d} | {' / '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(acc):.3f} | "
+              f"{' / '.join(f'{m:.3f}' for m in mass)} | {statistics.mean(mass):.3f} | "
+              f"{statistics.mean(float(r['entropy']) for r in rs):.3f} | "
+              f"{statistics.mean(float(r['seconds']) for r in rs):.0f} |")
+    print(f"wrote {png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Associative recall (MQAR) on a token grid: one point, or the sweep over length "
+                                "and state size.", formatter_class=HelpFormatter)
+    p.add_argument("--attn", default="dydila", metavar="ROW", help=f"the attention of the point: {', '.join(ROWS)}")
+    p.add_argument("--tokens", type=int, default=64, help="N, an even square: the grid is sqrt(N) x sqrt(N), N/2 key-value pairs")
+    p.add_argument("--head-dim", type=int, default=32, help=f"head dim d (width {TRAIN['width']} / d heads; a linear head "
+                   "keeps a d x d state)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the training examples")
+    p.add_argument("--steps", type=int, default=TRAIN["steps"], help="training steps (the sweep: the default for every point)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the point as one JSON line (what the sweep reads)")
+    p.add_argument("--sweep", action="store_true", help="run every point of the sweep not yet in --csv (3 seeds each), "
+                   "then draw --figure and print the table; stop it any time, it continues where it stopped")
+    p.add_argument("--jobs", type=int, default=2, help="with --sweep: points at a time, one thread each")
+    p.add_argument("--csv", default=str(ROOT / "assets" / "recall.csv"), help="the sweep's points, one row each")
+    p.add_argument("--figure", default=str(ROOT / "assets" / "recall.png"), help="the sweep's figure")
+    p.add_argument("--plot", action="store_true", help="only draw --figure and print the table from --csv")
+    return p
+
+
+def run(args):
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.sweep or args.plot:
+        if args.jobs < 1:
+            raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+        for flag, path in (("--csv", args.csv), ("--figure", args.figure)):
+            check_writable(path, flag, folder=False)
+        if args.plot and not Path(args.csv).exists():
+            raise UserError(f"--csv {args.csv}: no such file; run --sweep first")
+        return figure(Path(args.csv), Path(args.figure)) if args.plot else sweep(args)
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must lie in [0, 2**32), got {args.seed}")
+    grid(args.tokens)
+    RecallModel(args.attn, args.head_dim, TRAIN["width"], TRAIN["depth"], TRAIN["values"], TRAIN["key_dim"])   # checks
+    point = train_point(args.attn, args.tokens, args.head_dim, args.seed, {**TRAIN, "steps": args.steps},
+                        progress=not args.json)
+    if args.json:
+        print(json.dumps(point))
+        return 0
+    print(f"{point['row']}, N = {point['tokens']} ({point['tokens'] // 2} key-value pairs), head dim {point['head_dim']}, "
+          f"seed {point['seed']}, {args.steps} steps in {point['seconds']:.0f} s:")
+    print(f"  query accuracy {point['accuracy']:.3f} (chance {1 / TRAIN['values']:.3f})")
+    print(f"  partner mass per layer (uniform 1/N = {1 / point['tokens']:.4f}; exact retrieval 1): mean over heads "
+          + " ".join(f"{m:.3f}" for m in point["partner_mass_per_layer"]) + ", best head "
+          + " ".join(f"{m:.3f}" for m in point["best_head_per_layer"]))
+    print(f"  the layer that retrieves most: partner mass {point['partner_mass']:.3f}, best head {point['best_head']:.3f}, "
+          f"query rows' entropy / log N {point['entropy']:.3f}")
+    return 0
+
+
+def main(argv=None):
+    return cli(run, get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
