@@ -305,7 +305,8 @@ def figure(path, png):
                 title="recall against state size at N = 256")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.title.set_fontsize(10)
     for ax in (axes[0], axes[2]):
         ax.set_ylim(0, 1.02)

@@ -1,0 +1,91 @@
+"""tools/recall.py: the associative-recall task, its measures, a model that learns it, one-line errors."""
+
+import math
+
+import pytest
+import torch
+
+from tools import recall as R
+
+
+def batch(n=64, examples=8, seed=0):
+    return R.recall_batch(examples, R.grid(n), R.TRAIN["values"], R.TRAIN["key_dim"], torch.Generator().manual_seed(seed))
+
+
+def test_every_query_carries_the_key_of_exactly_one_memory_token_and_its_value_is_the_target():
+    kd, V = R.TRAIN["key_dim"], R.TRAIN["values"]
+    x, targets, partner = batch()
+    memory, query = x[..., 0] == 1, x[..., 1] == 1
+    assert torch.equal(memory, ~query) and (memory.sum(1) == 32).all()            # half memory, half queries
+    keys, values = x[..., 2:2 + kd], x[..., 2 + kd:]
+    assert (values[query] == 0).all() and torch.equal(values[memory].sum(-1), torch.ones(8 * 32))   # a value per memory token
+    for b in range(len(x)):
+        mem = memory[b].nonzero().flatten()
+        for q in query[b].nonzero().flatten():
+            same = (keys[b, mem] == keys[b, q]).all(-1).nonzero().flatten()
+            assert len(same) == 1                                              # exactly one memory key matches
+            p = mem[same[0]]
+            assert partner[b, q] == p and targets[b, q] == values[b, p].argmax()
+        assert (targets[b, mem] == -100).all() and (partner[b, mem] == -1).all()
+        assert sorted(partner[b, query[b]].tolist()) == mem.tolist()           # every memory token asked once
+
+
+def test_places_keys_and_values_are_fresh_in_every_example():
+    x, _, _ = batch(examples=2)
+    kd = R.TRAIN["key_dim"]
+    assert not torch.equal(x[0, :, 0], x[1, :, 0])                             # other places
+    first = x[0][x[0, :, 0] == 1][:, 2:2 + kd]
+    second = x[1][x[1, :, 0] == 1][:, 2:2 + kd]
+    assert (first @ second.T).abs().max() < 0.99                               # no key shared between examples
+    assert torch.allclose(first.norm(dim=-1), torch.ones(len(first)))          # unit keys
+
+
+def test_partner_mass_is_one_over_n_for_uniform_rows_and_one_for_exact_retrieval():
+    _, _, partner = batch(n=16, examples=3)
+    uniform = torch.full((3, 2, 16, 16), 1 / 16)
+    assert torch.allclose(R.partner_mass(uniform, partner), torch.full((3, 2, 8), 1 / 16, dtype=torch.float64))
+    exact = torch.zeros(3, 2, 16, 16)
+    rows = (partner >= 0).nonzero()
+    exact[rows[:, 0], :, rows[:, 1], partner[rows[:, 0], rows[:, 1]]] = 5.0     # unnormalised rows: the share counts
+    exact[..., 0] += (exact.sum(-1) == 0).float()                              # memory rows, not measured
+    assert torch.allclose(R.partner_mass(exact, partner), torch.ones(3, 2, 8, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_a_softmax_stack_learns_a_small_instance(monkeypatch):
+    monkeypatch.setattr(R, "EVAL_EXAMPLES", 64)
+    point = R.train_point("softmax", 16, 32, 0, {**R.TRAIN, "steps": 100, "lr": 3e-3, "warmup": 10})
+    assert point["accuracy"] >= 0.95                                           # chance: 1/16
+    assert point["partner_mass"] > 0.5 and len(point["partner_mass_per_layer"]) == R.TRAIN["depth"]
+    assert 0 <= point["entropy"] < 1 and point["best_head"] >= point["partner_mass"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "48"], "--tokens 48 must be an even square (64, 256, 1024, ...)"),
+    (["--tokens", "49"], "--tokens 49 must be an even square"),
+    (["--attn", "flash"], "unknown row 'flash': choose one of softmax, linear, dydila, dydila, no dynamic projection"),
+    (["--head-dim", "24"], "--head-dim 24 does not divide the width 64: use one of 1, 2, 4, 8, 16, 32, 64"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--plot", "--csv", "missing.csv"], "--csv missing.csv: no such file; run --sweep first"),
+])
+def test_bad_input_is_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(R, "train_point", lambda *a, **k: pytest.fail("trained despite bad input"))
+    assert R.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_the_sweep_resumes_where_it_stopped_and_refuses_other_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(R, "SWEEP", [("softmax", 16, 32), ("linear", 16, 16)])
+    monkeypatch.setattr(R, "SEEDS", (0,))
+    csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
+    csv_path.write_text(",".join(R.FIELDS) + "\n" + "softmax,16,32,0,3,0.5,0.1,0.2,0.9,0.1 0.05,0.2 0.1,1.0,1\n")
+    assert R.main(["--sweep", "--steps", "3", "--csv", str(csv_path), "--figure", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 points in" in out and "1 to go" in out                     # the finished point is not run again
+    points = R.read_points(csv_path)
+    assert set(points) == {("softmax", 16, 32, 0), ("linear", 16, 16, 0)} and points[("linear", 16, 16, 0)]["steps"] == "3"
+    assert math.isfinite(float(points[("linear", 16, 16, 0)]["accuracy"])) and png.stat().st_size > 0
+    assert R.main(["--sweep", "--steps", "5", "--csv", str(csv_path), "--figure", str(png)]) == 2
+    assert "holds points of 3 training steps, not 5: one sweep trains every point alike" in capsys.readouterr().err
