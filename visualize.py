@@ -5,8 +5,9 @@ See why linear attention over-smooths and how DyDiLA sharpens it.
     python visualize.py --ckpt runs/dit/ckpt.pt runs/lit/ckpt.pt runs/dydi/ckpt.pt --layer 3 --t 0.2 0.5 0.8
 
 Writes into --out-dir (default ./viz): attention_maps.png, attention_smoothness.png, router_maps.png
-(and dydila_parts_<run>.png per DyDiLA run with --ckpt). Timing: tools/bench.py; ablation
-tables: tools/ablation.py.
+(and dydila_parts_<run>.png per DyDiLA run with --ckpt), and explorer.html: one offline page where
+pointing at any patch shows every model's attention row, at any layer, head and t. Timing:
+tools/bench.py; ablation tables: tools/ablation.py.
 
 Smoothness of one attention row a (a distribution over the N keys):
   normalised entropy  H(a) / log N   1 = uniform, the over-smoothed limit; 0 = all weight on one key
@@ -17,6 +18,8 @@ equals its partner's, the token half the grid below or above it:
 """
 
 import argparse
+import base64
+import json
 import math
 import sys
 from pathlib import Path
@@ -28,12 +31,13 @@ import torch.nn.functional as F
 import dydilit as D
 from training.data import DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, load_cifar10, load_data, load_fashion_mnist, make_synthetic, to_float
 from training.evaluation import load_run, pyplot
-from training.run import HelpFormatter, UserError, check_writable, cli
+from training.run import HelpFormatter, UserError, atomic_write, check_writable, cli
 
 MECHANISMS = ("softmax", "linear", "dydila")
 LABELS = {"softmax": "softmax (DiT)", "linear": "linear (LiT)", "dydila": "DyDiLA (DyDi-LiT)"}
 QUERIES = ((3, 3), (8, 8), (4, 12), (12, 5))            # (row, col) on a 16 x 16 token grid; scaled to others
 PROBE_QUERIES = ((1, 3), (3, 12), (5, 7), (7, 1))       # the copy probe: queries in the top half
+EXPLORER_TEMPLATE = Path(__file__).resolve().parent / "training" / "explorer.html"
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,6 +294,65 @@ def router_figure(path, img, patch, entries):
 
 
 # ----------------------------------------------------------------------------------------
+# The explorer page
+# ----------------------------------------------------------------------------------------
+
+def layer_maps(attn, x, hw):
+    """What the explorer shows of one attention module on its input x (1, N, C): its maps
+    {"attention": (h, N, N)} (DyDiLA also "base", "redundancy": attention_parts), and for DyDiLA the
+    query side's routing {name: (N,)} and banks {name: values}."""
+    maps, routing, banks = {"attention": attn.attention_matrix(x, hw)[0]}, {}, {}
+    if isinstance(attn, D.DyDiLA):
+        parts = attn.attention_parts(x, hw)
+        maps.update({k: parts[k][0] for k in ("base", "redundancy") if k in parts})
+        routing = {k: v[0] for k, v in attn.routing(x).items() if k.endswith("_q")}
+        values = router_values(attn)
+        banks = {k: values[k].tolist() for k in ("kernel_q", "lambda_q") if k in values}
+    return maps, routing, banks
+
+
+def explorer_model(label, grid, hw, probe=False):
+    """One model of the page from grid[t][layer] = layer_maps(...) (every t, every layer): its maps
+    stacked (T, depth, h, N, N), each row quantised to uint8 of its maximum, with each row's exact
+    numbers (entropy / log N, top-5% mass; with probe, copy-probe runs, the partner mass); its routing
+    (T, depth, N); its banks per layer. The layout is described in training/explorer.html."""
+    T, depth = len(grid), len(grid[0])
+    model = {"label": label, "depth": depth, "heads": grid[0][0][0]["attention"].shape[0], "maps": {}}
+    for part in grid[0][0][0]:
+        A = torch.stack([torch.stack([grid[t][l][0][part] for l in range(depth)]) for t in range(T)]).double()
+        rowmax = A.amax(-1)                                                       # (T, depth, h, N)
+        full = torch.cat([A, A.mean(2, keepdim=True)], 2)                          # (T, depth, h + 1, N, N): + the heads' mean
+        model["maps"][part] = {"rows": b64((A / rowmax.clamp_min(1e-300)[..., None] * 255).round(), np.uint8),
+                               "rowmax": b64(rowmax, np.float32),
+                               "entropy": b64(row_entropy(full), np.float32), "top5": b64(top_mass(full), np.float32)}
+        if probe:
+            model["maps"][part]["partner"] = b64(partner_mass(full, hw), np.float32)
+    if grid[0][0][1]:                                                             # DyDiLA: routing and banks
+        model["routing"] = {k: b64(torch.stack([torch.stack([grid[t][l][1][k] for l in range(depth)]) for t in range(T)]),
+                                   np.uint8) for k in grid[0][0][1]}
+        model["banks"] = {k: [grid[0][l][2][k] for l in range(depth)] for k in grid[0][0][2]}
+    return model
+
+
+def b64(tensor, dtype):
+    """A tensor as base64 of its little-endian bytes, row-major (what the page's decode() reads)."""
+    return base64.b64encode(np.ascontiguousarray(tensor.numpy(), dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+
+
+def explorer_page(path, images, ts, layer, head, models, hw, probe=False):
+    """Writes the page: the template training/explorer.html with its data. images: per t the image
+    the models saw, (c, S, S) in [-1, 1]; ts: the noise levels ([None]: untrained modules); layer,
+    head: the figures' (the page's defaults); models: explorer_model(...) each."""
+    data = {"grid": list(hw), "patch": images[0].shape[-1] // hw[1], "size": images[0].shape[-1],
+            "channels": images[0].shape[0], "ts": list(ts), "layer": layer, "head": head,
+            "images": [b64(((img.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0), np.uint8) for img in images],
+            "partners": partners(hw).tolist() if probe else None, "models": models}
+    page = EXPLORER_TEMPLATE.read_text().replace("/*DATA*/", json.dumps(data).replace("</", "<\\/"))
+    with atomic_write(path) as tmp:
+        tmp.write_text(page)
+
+
+# ----------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------
 
@@ -298,12 +361,15 @@ def untrained(args, out):
     img, source = find_image(args.data_dir, args.index)
     x, hw = image_tokens(img, args.width, seed=args.seed)
     queries = scaled_queries(hw)
-    results, modules = [], {}
+    results, modules, explorer = [], {}, []
     with torch.no_grad():
         for kind in MECHANISMS:
             torch.manual_seed(args.seed)                      # qkv is built first in each: identical Q, K, V weights
             modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).eval()
-            results.append((LABELS[kind], modules[kind].attention_matrix(x, hw)))
+            grid = [[layer_maps(modules[kind], x, hw)]]       # one t, one layer: the module
+            results.append((LABELS[kind], grid[0][0][0]["attention"][None]))
+            explorer.append(explorer_model(LABELS[kind], grid, hw))
+    explorer_page(out / "explorer.html", [img], [None], 0, args.head, explorer, hw)
     print(f"untrained modules (width {args.width}, {args.heads} heads, seed {args.seed}) on {source}")
     title = "untrained, same Q/K weights"
     attention_maps_figure(out / "attention_maps.png", img, 2, queries, results, hw, args.head, title)
@@ -311,17 +377,21 @@ def untrained(args, out):
     print_table(results)
     dy = modules["dydila"]
     router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", dy, x, hw)])
-    return ["attention_maps.png", "attention_smoothness.png", "router_maps.png"]
+    return ["attention_maps.png", "attention_smoothness.png", "router_maps.png", "explorer.html"]
+
+
+def noised(objective, x0, t, noise):
+    """x0 noised to t as the objective does it, and the model's time input: x_t, t (1,)."""
+    if isinstance(objective, D.DDPM):
+        steps = torch.full((1,), min(objective.num_timesteps - 1, round(t * objective.num_timesteps)))
+        return objective.q_sample(x0, steps, noise), steps.float() / objective.num_timesteps
+    tt = torch.full((1,), float(t))
+    return objective.interpolate(x0, tt, noise), tt
 
 
 def layer_inputs(model, objective, x0, y, t, noise):
     """Run the model on x_t; for every block, its attention module and that module's input."""
-    if isinstance(objective, D.DDPM):
-        steps = torch.full((1,), min(objective.num_timesteps - 1, round(t * objective.num_timesteps)))
-        xt, tt = objective.q_sample(x0, steps, noise), steps.float() / objective.num_timesteps
-    else:
-        tt = torch.full((1,), float(t))
-        xt = objective.interpolate(x0, tt, noise)
+    xt, tt = noised(objective, x0, t, noise)
     seen = []
 
     def keep_input(module, inputs):                         # returns None: the inputs pass through unchanged
@@ -354,25 +424,31 @@ def from_checkpoints(args, out):
     img = to_float(data.val_x[i])
     x0, y = img[None], data.val_y[i:i + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
-    maps, routers, parts, retrieval = [], [], [], []
-    hw, probe = None, getattr(first, "probe", None)
+    maps, routers, parts, retrieval, explorer = [], [], [], [], []
+    hw, probe = runs[0][1].hw, getattr(first, "probe", None)
     for path, model, objective, a in runs:
-        name = f"{a.attn} ({Path(path).parent.name})"
+        name, grid = f"{a.attn} ({Path(path).parent.name})", []  # grid: every t and layer, for the explorer
         for t in args.t:
-            attn, x = layer_inputs(model, objective, x0, y, t, noise)[args.layer]
-            hw = model.hw
+            inputs = layer_inputs(model, objective, x0, y, t, noise)
+            with torch.no_grad():
+                grid.append([layer_maps(attn, x, hw) for attn, x in inputs])
+            attn, x = inputs[args.layer]
+            shown = grid[-1][args.layer][0]                                  # the figures' layer
             if probe:
                 retrieval.append((f"{name} t={t:g}", partner_mass_per_head(model, objective, x0, y, t, noise)))
-            with torch.no_grad():
-                maps.append((f"{name} t={t:g}", attn.attention_matrix(x, hw)))
-                if isinstance(attn, D.DyDiLA):
-                    routers.append((f"{name} t={t:g}", attn, x, hw))
-                    parts.append((Path(path).parent.name, t, attn.attention_parts(x, hw)))
+            maps.append((f"{name} t={t:g}", shown["attention"][None]))
+            if isinstance(attn, D.DyDiLA):
+                routers.append((f"{name} t={t:g}", attn, x, hw))
+                parts.append((Path(path).parent.name, t, {"base": shown["base"][None], **({"redundancy": shown["redundancy"][None]}
+                              if "redundancy" in shown else {}), "differential": shown["attention"][None]}))
+        explorer.append(explorer_model(name, grid, hw, probe=bool(probe)))
+    images = [noised(runs[0][2], x0, t, noise)[0][0] for t in args.t]  # the first run's objective noises the image
+    explorer_page(out / "explorer.html", images, args.t, args.layer, args.head, explorer, hw, probe=bool(probe))
     patch = first.image_size // hw[0]
     queries = scaled_queries(hw, PROBE_QUERIES if probe else QUERIES)
     print(f"{len(runs)} checkpoint(s), layer {args.layer}, t = {args.t}, on {first.dataset} validation image {i} "
           f"({data.classes[int(y)]})")
-    written = ["attention_maps.png", "attention_smoothness.png"]
+    written = ["attention_maps.png", "attention_smoothness.png", "explorer.html"]
     title = f"trained, layer {args.layer}"
     attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, args.head, title, mark_partners=bool(probe))
     smoothness_figure(out / "attention_smoothness.png", maps, title)

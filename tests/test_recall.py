@@ -13,7 +13,7 @@ def batch(n=64, examples=8, seed=0):
 
 
 def test_every_query_carries_the_key_of_exactly_one_memory_token_and_its_value_is_the_target():
-    kd, V = R.TRAIN["key_dim"], R.TRAIN["values"]
+    kd = R.TRAIN["key_dim"]
     x, targets, partner = batch()
     memory, query = x[..., 0] == 1, x[..., 1] == 1
     assert torch.equal(memory, ~query) and (memory.sum(1) == 32).all()            # half memory, half queries

@@ -22,7 +22,7 @@ import training.data as TD
 import training.evaluation as TE
 import training.quality as TQ
 import visualize as V
-from conftest import ROOT, TINY, StandIn, log_rows, metric_data, run_py, write_cifar_folder, write_idx
+from conftest import ROOT, TINY, StandIn, log_rows, metric_data, write_cifar_folder, write_idx
 
 
 def never(what):
