@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import dydilit as D
-from training.data import DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, load_cifar10, load_data, load_fashion_mnist, make_synthetic, to_float
+from training.data import (DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, load_cifar10, load_data, load_fashion_mnist, make_synthetic,
+                           to_float, to_uint8)
 from training.evaluation import load_run, pyplot
 from training.run import HelpFormatter, UserError, atomic_write, check_writable, cli
 
@@ -316,10 +317,12 @@ def explorer_model(label, grid, hw, probe=False):
     stacked (T, depth, h, N, N), each row quantised to uint8 of its maximum, with each row's exact
     numbers (entropy / log N, top-5% mass; with probe, copy-probe runs, the partner mass); its routing
     (T, depth, N); its banks per layer. The layout is described in training/explorer.html."""
-    T, depth = len(grid), len(grid[0])
-    model = {"label": label, "depth": depth, "heads": grid[0][0][0]["attention"].shape[0], "maps": {}}
+    def stacked(pick):                                                            # grid -> one (T, depth, ...) tensor
+        return torch.stack([torch.stack([pick(cell) for cell in layers]) for layers in grid])
+
+    model = {"label": label, "depth": len(grid[0]), "heads": grid[0][0][0]["attention"].shape[0], "maps": {}}
     for part in grid[0][0][0]:
-        A = torch.stack([torch.stack([grid[t][l][0][part] for l in range(depth)]) for t in range(T)]).double()
+        A = stacked(lambda cell: cell[0][part]).double()                          # (T, depth, h, N, N)
         rowmax = A.amax(-1)                                                       # (T, depth, h, N)
         full = torch.cat([A, A.mean(2, keepdim=True)], 2)                          # (T, depth, h + 1, N, N): + the heads' mean
         model["maps"][part] = {"rows": b64((A / rowmax.clamp_min(1e-300)[..., None] * 255).round(), np.uint8),
@@ -328,9 +331,8 @@ def explorer_model(label, grid, hw, probe=False):
         if probe:
             model["maps"][part]["partner"] = b64(partner_mass(full, hw), np.float32)
     if grid[0][0][1]:                                                             # DyDiLA: routing and banks
-        model["routing"] = {k: b64(torch.stack([torch.stack([grid[t][l][1][k] for l in range(depth)]) for t in range(T)]),
-                                   np.uint8) for k in grid[0][0][1]}
-        model["banks"] = {k: [grid[0][l][2][k] for l in range(depth)] for k in grid[0][0][2]}
+        model["routing"] = {k: b64(stacked(lambda cell: cell[1][k]), np.uint8) for k in grid[0][0][1]}
+        model["banks"] = {k: [cell[2][k] for cell in grid[0]] for k in grid[0][0][2]}
     return model
 
 
@@ -345,7 +347,7 @@ def explorer_page(path, images, ts, layer, head, models, hw, probe=False):
     head: the figures' (the page's defaults); models: explorer_model(...) each."""
     data = {"grid": list(hw), "patch": images[0].shape[-1] // hw[1], "size": images[0].shape[-1],
             "channels": images[0].shape[0], "ts": list(ts), "layer": layer, "head": head,
-            "images": [b64(((img.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0), np.uint8) for img in images],
+            "images": [b64(to_uint8(img).permute(1, 2, 0), np.uint8) for img in images],
             "partners": partners(hw).tolist() if probe else None, "models": models}
     page = EXPLORER_TEMPLATE.read_text().replace("/*DATA*/", json.dumps(data).replace("</", "<\\/"))
     with atomic_write(path) as tmp:
