@@ -49,6 +49,8 @@ def test_partner_mass_is_one_over_n_for_uniform_rows_and_one_for_exact_retrieval
     exact[rows[:, 0], :, rows[:, 1], partner[rows[:, 0], rows[:, 1]]] = 5.0     # unnormalised rows: the share counts
     exact[..., 0] += (exact.sum(-1) == 0).float()                              # memory rows, not measured
     assert torch.allclose(R.partner_mass(exact, partner), torch.ones(3, 2, 8, dtype=torch.float64))
+    exact[:, :, rows[0, 1]] = 0                                                # a query row that attends to nothing
+    assert R.partner_mass(exact, partner)[0, :, 0].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.slow

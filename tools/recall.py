@@ -141,11 +141,13 @@ class RecallModel(nn.Module):
 
 def partner_mass(A, partner):
     """Each query row's share of attention on its partner key. A (B, h, N, N), partner (B, N) with
-    -1 at memory tokens -> (B, h, Q) for the Q queries of each example (uniform rows: 1/N)."""
+    -1 at memory tokens -> (B, h, Q) for the Q queries of each example (uniform rows: 1/N). A row
+    that attends to nothing (ReLU features all zero: possible for linear heads) puts 0 there."""
     rows = partner >= 0                                           # (B, N) the query rows
     B, h, N, _ = A.shape
     A = A.double()
-    mass = A.gather(-1, partner.clamp(min=0)[:, None, :, None].expand(B, h, N, 1))[..., 0] / A.sum(-1)   # (B, h, N)
+    on_partner = A.gather(-1, partner.clamp(min=0)[:, None, :, None].expand(B, h, N, 1))[..., 0]   # (B, h, N)
+    mass = torch.where(A.sum(-1) > 0, on_partner / A.sum(-1), 0.0)
     return mass[rows[:, None, :].expand(B, h, N)].view(B, h, -1)
 
 
@@ -175,7 +177,7 @@ def measure(model, hw, tr, seed):
         mass = partner_mass(A, partner).mean((0, 2))              # (h,) over examples and queries
         mean.append(mass.mean().item())
         best.append(mass.max().item())
-        entropy.append(row_entropy(A)[(partner >= 0)[:, None, :].expand(A.shape[:3])].mean().item())
+        entropy.append(row_entropy(A)[(partner >= 0)[:, None, :].expand(A.shape[:3])].nanmean().item())   # rows with weight
     top = max(range(len(mean)), key=mean.__getitem__)             # the layer that retrieves most
     return dict(accuracy=right / total, partner_mass=mean[top], best_head=best[top], entropy=entropy[top],
                 partner_mass_per_layer=mean, best_head_per_layer=best)
