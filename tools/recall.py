@@ -305,7 +305,9 @@ def figure(path, png):
     axes[2].axhline(chance, color="gray", ls=":", lw=1)
     axes[2].set(xscale="log", xlabel="head dim d (state d x d per head; width 64)", ylabel="query accuracy",
                 title="recall against state size at N = 256")
-    for ax in axes:
+    for ax, ticks in zip(axes, (ns, ns, sorted({d for (_, _, d) in table}))):
+        ax.set_xticks(ticks, [str(v) for v in ticks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -318,7 +320,7 @@ def figure(path, png):
     plt.close(fig)
     print("| row | tokens | head dim | accuracy (per seed) | mean | partner mass (per seed) | mean | entropy / log N | s per point |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (row, n, d), rs in sorted(table.items(), key=lambda kv: (list(ROWS).index(kv[0][0]), kv[0][2], kv[0][1])):
+    for (row, n, d), rs in sorted(table.items(), key=lambda kv: (list(ROWS).index(kv[0][0]), kv[0][2] != 32, kv[0][2], kv[0][1])):
         rs = sorted(rs, key=lambda r: int(r["seed"]))
         acc, mass = [float(r["accuracy"]) for r in rs], [float(r["partner_mass"]) for r in rs]
         print(f"| {row} | {n} | {d} | {' / '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(acc):.3f} | "
