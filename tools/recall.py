@@ -46,7 +46,7 @@ ROWS = {"softmax": ("softmax", {}), "linear": ("linear", {}), "dydila": ("dydila
         "dydila, no dynamic projection": ("dydila", {"dynamic_projection": False}),
         "dydila, no dynamic kernel": ("dydila", {"dynamic_kernel": False}),
         "dydila, no token differential": ("dydila", {"token_differential": False})}
-# the training of every point: the same for every row (README item in docs/BENCHMARKS.md, "Recall")
+# the training of every point, the same for every row: why, in docs/BENCHMARKS.md, "Recall against length and state size"
 TRAIN = dict(width=64, depth=2, values=16, key_dim=32, steps=1000, batch=32, lr=1e-3, warmup=100)
 EVAL_EXAMPLES, MEASURE_EXAMPLES = 256, 16                         # accuracy; attention measures (N x N each)
 # the sweep: (row, tokens, head dim), 3 seeds each
