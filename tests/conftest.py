@@ -1,5 +1,6 @@
 """Helpers shared by the scripts' tests: each test in its own folder, a tiny run's flags, small
-files in the real dataset formats, tiny finished runs, a stand-in for the FID Inception network."""
+files in the real dataset formats, tiny finished runs, a checkpoint written from a notebook, a
+stand-in for the FID Inception network, and the check of a one-line error."""
 
 import gzip
 import json
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))                                   # dydilit.py, the scripts and training/
 
 import train_tiny as T                                          # noqa: E402
+from training.checkpoint import build_model, run_spec, save_checkpoint   # noqa: E402
 from training.data import ImageData                             # noqa: E402
 
 # a DyDi-LiT-T/4 on 16 x 16 synthetic images: seconds per run on a CPU
@@ -62,6 +64,34 @@ def probe_runs(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return runs
+
+
+def one_line_error(capsys, *facts):
+    """The command ended with one 'error:' line on stderr (after any progress bar) holding each of
+    facts (a flag's name, a number, a path); returns that line."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert "Traceback" not in err and lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, err[-3000:]
+    assert all(str(fact) in lines[-1] for fact in facts), (facts, lines[-1])
+    return lines[-1]
+
+
+def never(what):
+    """A stand-in that fails the test if it is called."""
+    def called(*a, **k):
+        raise AssertionError(f"{what} was called")
+    return called
+
+
+def library_checkpoint(path, preset="DyDiLiT-T/4", attn="dydila", args=None, image_size=16):
+    """A checkpoint written by training.checkpoint.save_checkpoint from a notebook: no train_tiny.py run behind it."""
+    spec = run_spec(preset, attn, image_size=image_size, channels=3, num_classes=10)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    save_checkpoint(path, model, model, torch.optim.SGD(model.parameters(), lr=0.1), 7, spec,
+                    [f"class {c}" for c in range(10)], args)
+    return str(path)
 
 
 def run_py(script, args, cwd, env=None, **kw):

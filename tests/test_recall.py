@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from conftest import one_line_error
 from tools import recall as R
+from training.attention import partner_mass
 
 
 def batch(n=64, examples=8, seed=0):
@@ -40,17 +42,23 @@ def test_places_keys_and_values_are_fresh_in_every_example():
     assert torch.allclose(first.norm(dim=-1), torch.ones(len(first)))          # unit keys
 
 
-def test_partner_mass_is_one_over_n_for_uniform_rows_and_one_for_exact_retrieval():
+def query_partner_mass(A, partner):
+    """partner_mass of the query rows of a recall batch, as measure() takes it: (B, h, N / 2)."""
+    rows = (partner >= 0)[:, None, :].expand(A.shape[:3])
+    return partner_mass(A, partner.clamp(min=0)[:, None])[rows].view(A.shape[0], A.shape[1], -1)
+
+
+def test_partner_mass_of_recall_queries_is_one_over_n_uniform_and_one_for_exact_retrieval():
     _, _, partner = batch(n=16, examples=3)
     uniform = torch.full((3, 2, 16, 16), 1 / 16)
-    assert torch.allclose(R.partner_mass(uniform, partner), torch.full((3, 2, 8), 1 / 16, dtype=torch.float64))
+    assert torch.allclose(query_partner_mass(uniform, partner), torch.full((3, 2, 8), 1 / 16, dtype=torch.float64))
     exact = torch.zeros(3, 2, 16, 16)
     rows = (partner >= 0).nonzero()
     exact[rows[:, 0], :, rows[:, 1], partner[rows[:, 0], rows[:, 1]]] = 5.0     # unnormalised rows: the share counts
     exact[..., 0] += (exact.sum(-1) == 0).float()                              # memory rows, not measured
-    assert torch.allclose(R.partner_mass(exact, partner), torch.ones(3, 2, 8, dtype=torch.float64))
+    assert torch.allclose(query_partner_mass(exact, partner), torch.ones(3, 2, 8, dtype=torch.float64))
     exact[:, :, rows[0, 1]] = 0                                                # a query row that attends to nothing
-    assert R.partner_mass(exact, partner)[0, :, 0].tolist() == [0.0, 0.0]
+    assert query_partner_mass(exact, partner)[0, :, 0].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.slow
@@ -62,32 +70,69 @@ def test_a_softmax_stack_learns_a_small_instance(monkeypatch):
     assert 0 <= point["entropy"] < 1 and point["best_head"] >= point["partner_mass"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tokens", "48"], "--tokens 48 must be an even square (64, 256, 1024, ...)"),
-    (["--tokens", "49"], "--tokens 49 must be an even square"),
-    (["--attn", "flash"], "unknown row 'flash': choose one of softmax, linear, dydila, dydila, no dynamic projection"),
-    (["--head-dim", "24"], "--head-dim 24 does not divide the width 64: use one of 1, 2, 4, 8, 16, 32, 64"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--plot", "--csv", "missing.csv"], "--csv missing.csv: no such file; run --sweep first"),
+@pytest.mark.parametrize("argv, facts", [
+    (["--tokens", "48"], ["--tokens 48", "even square"]),
+    (["--tokens", "49"], ["--tokens 49", "even square"]),
+    (["--attn", "flash"], ["--attn", "'flash'", "dydila-no-dynamic-kernel"]),
+    (["--head-dim", "24"], ["--head-dim 24", "64"]),
+    (["--plot", "--csv", "missing.csv"], ["--csv missing.csv", "--sweep"]),
+    (["--plot", "--figure", "r.xyz"], ["--figure r.xyz", ".png"]),
 ])
-def test_bad_input_is_one_line(argv, message, capsys, monkeypatch):
+def test_bad_input_is_one_line(argv, facts, capsys, monkeypatch):
     monkeypatch.setattr(R, "train_point", lambda *a, **k: pytest.fail("trained despite bad input"))
     assert R.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    one_line_error(capsys, *facts)
+
+
+def test_every_variant_is_a_name_typed_without_quotes():
+    assert all(name.replace("-", "").isalnum() for name in R.VARIANTS)
+    assert R.get_parser().parse_args(["--attn", "dydila-no-dynamic-kernel"]).attn == "dydila-no-dynamic-kernel"
+
+
+def points_csv(path, *lines):
+    path.write_text(",".join(R.FIELDS) + "\n" + "".join(line + "\n" for line in lines))
+    return path
+
+
+POINT = "softmax,16,32,0,3,0.5,0.1,0.2,0.9,0.1 0.05,0.2 0.1,1.0,1"
+
+
+@pytest.mark.parametrize("content, facts", [
+    (b"\x89PNG\r\n\x1a\n\xff\xfe binary", ["not a CSV"]),                # another tool's file: an image
+    (b"tokens,accuracy\n64,0.5\n", ["not a CSV", "variant"]),           # another CSV
+    (b"", ["not a CSV"]),                                               # empty
+    (("," .join(R.FIELDS) + "\n").encode(), ["no points"]),               # a header only
+    (("," .join(R.FIELDS) + "\nsoftmax,16,x,0,3,0.5\n").encode(), ["no recall point"]),
+    (("," .join(R.FIELDS) + "\n" + POINT + "\n" + POINT.replace(",3,", ",5,").replace("softmax", "linear")
+      + "\n").encode(), ["3, 5 training steps"]),                      # a mix of step counts
+])
+def test_plotting_a_csv_that_holds_no_sweep_is_one_line(content, facts, tmp_path, capsys):
+    (tmp_path / "r.csv").write_bytes(content)
+    assert R.main(["--plot", "--csv", str(tmp_path / "r.csv"), "--figure", str(tmp_path / "r.png")]) == 2
+    one_line_error(capsys, "--csv", *facts)
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_a_cut_last_line_is_left_out_with_a_note(tmp_path, capsys):
+    path = points_csv(tmp_path / "r.csv", POINT)
+    with open(path, "a") as f:
+        f.write("linear,16,16,0,3,0.4")                                        # a stopped write
+    assert set(R.read_points(path)) == {("softmax", 16, 32, 0)}
+    assert str(path) in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_the_sweep_resumes_where_it_stopped_and_refuses_other_steps(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(R, "SWEEP", [("softmax", 16, 32), ("linear", 16, 16)])
     monkeypatch.setattr(R, "SEEDS", (0,))
-    csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
-    csv_path.write_text(",".join(R.FIELDS) + "\n" + "softmax,16,32,0,3,0.5,0.1,0.2,0.9,0.1 0.05,0.2 0.1,1.0,1\n")
-    assert R.main(["--sweep", "--steps", "3", "--csv", str(csv_path), "--figure", str(png)]) == 0
+    csv_path, png = points_csv(tmp_path / "r.csv", POINT), tmp_path / "r.png"
+    with open(csv_path, "a") as f:
+        f.write("linear,16,16,0,3,0.4")                                        # a point cut by a stopped write
+    assert R.main(["--sweep", "--steps", "3", "--jobs", "1", "--csv", str(csv_path), "--figure", str(png)]) == 0
     out = capsys.readouterr().out
     assert "1 of 2 points in" in out and "1 to go" in out                     # the finished point is not run again
     points = R.read_points(csv_path)
     assert set(points) == {("softmax", 16, 32, 0), ("linear", 16, 16, 0)} and points[("linear", 16, 16, 0)]["steps"] == "3"
     assert math.isfinite(float(points[("linear", 16, 16, 0)]["accuracy"])) and png.stat().st_size > 0
     assert R.main(["--sweep", "--steps", "5", "--csv", str(csv_path), "--figure", str(png)]) == 2
-    assert "holds points of 3 training steps, not 5: one sweep trains every point alike" in capsys.readouterr().err
+    one_line_error(capsys, "3 training steps", "5")

@@ -4,6 +4,7 @@ fall apart as N outgrows a linear-attention head's d x d state?
 
     python tools/recall.py                                  # one point (DyDiLA, 64 tokens): about a minute on a CPU
     python tools/recall.py --attn linear --tokens 256 --head-dim 64
+    python tools/recall.py --attn dydila-no-dynamic-kernel  # a DyDiLA ablation
     python tools/recall.py --sweep                          # the whole grid, resumable: assets/recall.csv, recall.png
 
 The task (bidirectional multi-query associative recall, MQAR; Zoology, Arora et al. 2023): on an
@@ -14,20 +15,29 @@ Nothing carries over between examples and there is no position embedding: positi
 
 The model: an input projection, `depth` pre-norm residual [attention, MLP] blocks and a classifier
 head; the attention is the project's own (SoftmaxAttention, LinearAttention, DyDiLA with its
-switches) and is all that differs between rows. Measures on fresh held-out examples: query
-accuracy; per layer, each query row's attention on its partner key (the copy probe's partner mass:
-1/N uniform, 1 exact retrieval; mean over heads and the best head) and its entropy / log N.
+switches: a variant, VARIANTS) and is all that differs between points. Measures on fresh held-out
+examples: query accuracy; per layer, each query row's attention on its partner key (partner mass,
+as the copy probe's: 1/N uniform, 1 exact retrieval; mean over heads and the best head) and its
+entropy / log N.
+
+A worked example, N = 4 tokens on a 2 x 2 grid, key_dim 2, V = 16 values; each input row is
+[memory?, query?, key, value one-hot]:
+
+    token  memory? query?  key         value      target  partner
+    0      1       0       k_a         one-hot 5  -100    -1
+    1      0       1       k_b         zeros      7       3
+    2      0       1       k_a         zeros      5       0
+    3      1       0       k_b         one-hot 7  -100    -1
 """
 
-import argparse
 import csv
 import json
 import math
-import os
+import multiprocessing
 import statistics
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -35,26 +45,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))                                     # dydilit.py and the scripts live one folder up
+sys.path.insert(0, str(ROOT))                                     # the project, one folder up
 import dydilit as D                                               # noqa: E402
-from training.evaluation import pyplot                            # noqa: E402
-from training.run import HelpFormatter, UserError, atomic_write, check_writable, cli   # noqa: E402
-from visualize import row_entropy                                 # noqa: E402
+from training.attention import attention_inputs, partner_mass, row_entropy   # noqa: E402
+from training.cli import (Parser, UserError, check_fits, check_image_format, check_writable, cli,   # noqa: E402
+                          name_of, seed, whole)
+from training.figures import pyplot, save_figure                  # noqa: E402
+from training.files import atomic_write                           # noqa: E402
 
-# rows: an attention and its keywords (DyDiLA's switches)
-ROWS = {"softmax": ("softmax", {}), "linear": ("linear", {}), "dydila": ("dydila", {}),
-        "dydila, no dynamic projection": ("dydila", {"dynamic_projection": False}),
-        "dydila, no dynamic kernel": ("dydila", {"dynamic_kernel": False}),
-        "dydila, no token differential": ("dydila", {"token_differential": False})}
-# the training of every point, the same for every row: why, in docs/BENCHMARKS.md, "Recall against length and state size"
+# the attention variants: an attention and its keywords (DyDiLA's switches)
+VARIANTS = {"softmax": ("softmax", {}), "linear": ("linear", {}), "dydila": ("dydila", {}),
+            "dydila-no-dynamic-projection": ("dydila", {"dynamic_projection": False}),
+            "dydila-no-dynamic-kernel": ("dydila", {"dynamic_kernel": False}),
+            "dydila-no-token-differential": ("dydila", {"token_differential": False})}
+# the training of every point, the same for every variant: why, in docs/BENCHMARKS.md, "Recall against length and
+# state size"
 TRAIN = dict(width=64, depth=2, values=16, key_dim=32, steps=1000, batch=32, lr=1e-3, warmup=100)
 EVAL_EXAMPLES, MEASURE_EXAMPLES = 256, 16                         # accuracy; attention measures (N x N each)
-# the sweep: (row, tokens, head dim), 3 seeds each
-SWEEP = ([(row, n, 32) for row in ("softmax", "linear", "dydila") for n in (64, 256, 1024)]
-         + [(row, n, 32) for row in list(ROWS)[3:] for n in (64, 256)]
-         + [(row, 256, d) for row in ("linear", "dydila") for d in (16, 64)])
+# the sweep: (variant, tokens, head dim), 3 seeds each
+SWEEP = ([(v, n, 32) for v in ("softmax", "linear", "dydila") for n in (64, 256, 1024)]
+         + [(v, n, 32) for v in list(VARIANTS)[3:] for n in (64, 256)]
+         + [(v, 256, d) for v in ("linear", "dydila") for d in (16, 64)])
 SEEDS = (0, 1, 2)
-FIELDS = ["row", "tokens", "head_dim", "seed", "steps", "accuracy", "partner_mass", "best_head", "entropy",
+FIELDS = ["variant", "tokens", "head_dim", "seed", "steps", "accuracy", "partner_mass", "best_head", "entropy",
           "partner_mass_per_layer", "best_head_per_layer", "seconds", "threads"]
 
 
@@ -66,8 +79,8 @@ def grid(tokens):
     """The H x W grid of N tokens: N must be an even square (half memory, half queries)."""
     side = math.isqrt(tokens)
     if tokens < 4 or side * side != tokens or tokens % 2:
-        raise UserError(f"--tokens {tokens} must be an even square (64, 256, 1024, ...): the tokens lie on a square grid, "
-                        f"half of them memory, half queries")
+        raise UserError(f"--tokens {tokens} must be an even square (64, 256, 1024, ...): the tokens lie on a square "
+                        f"grid, half of them memory, half queries")
     return side, side
 
 
@@ -115,15 +128,17 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def check_head_dim(head_dim, width=TRAIN["width"]):
+    if width % head_dim:
+        raise UserError(f"--head-dim {head_dim} does not divide the width {width}: use one of "
+                        f"{', '.join(str(d) for d in range(1, width + 1) if width % d == 0)}")
+
+
 class RecallModel(nn.Module):
-    def __init__(self, row, head_dim, width, depth, values, key_dim):
+    def __init__(self, variant, head_dim, width, depth, values, key_dim):
         super().__init__()
-        if row not in ROWS:
-            raise UserError(f"unknown row '{row}': choose one of {', '.join(ROWS)}")
-        if head_dim < 1 or width % head_dim:
-            raise UserError(f"--head-dim {head_dim} does not divide the width {width}: use one of "
-                            f"{', '.join(str(d) for d in range(1, width + 1) if width % d == 0)}")
-        attn, kw = ROWS[row]
+        check_head_dim(head_dim, width)
+        attn, kw = VARIANTS[variant]
         self.embed = nn.Linear(2 + key_dim + values, width)
         self.blocks = nn.ModuleList(Block(width, width // head_dim, attn, kw) for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, values)
@@ -138,18 +153,6 @@ class RecallModel(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Measures
 # ----------------------------------------------------------------------------------------
-
-def partner_mass(A, partner):
-    """Each query row's share of attention on its partner key. A (B, h, N, N), partner (B, N) with
-    -1 at memory tokens -> (B, h, Q) for the Q queries of each example (uniform rows: 1/N). A row
-    that attends to nothing (ReLU features all zero: possible for linear heads) puts 0 there."""
-    rows = partner >= 0                                           # (B, N) the query rows
-    B, h, N, _ = A.shape
-    A = A.double()
-    on_partner = A.gather(-1, partner.clamp(min=0)[:, None, :, None].expand(B, h, N, 1))[..., 0]   # (B, h, N)
-    mass = torch.where(A.sum(-1) > 0, on_partner / A.sum(-1), 0.0)
-    return mass[rows[:, None, :].expand(B, h, N)].view(B, h, -1)
-
 
 @torch.no_grad()
 def measure(model, hw, tr, seed):
@@ -166,28 +169,28 @@ def measure(model, hw, tr, seed):
         right += (pred == y)[y >= 0].sum().item()
         total += (y >= 0).sum().item()
     x, _, partner = recall_batch(MEASURE_EXAMPLES, hw, tr["values"], tr["key_dim"], g)
-    inputs = []
-    hooks = [block.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for block in model.blocks]
-    model(x, hw)
-    for hook in hooks:
-        hook.remove()
+    with attention_inputs(model.blocks) as inputs:
+        model(x, hw)
+    queries = (partner >= 0)[:, None, :]                          # (B, 1, N): the query rows
     mean, best, entropy = [], [], []
-    for block, x_in in zip(model.blocks, inputs):
-        A = block.attn.attention_matrix(x_in, hw)                 # (B, h, N, N)
-        mass = partner_mass(A, partner).mean((0, 2))              # (h,) over examples and queries
+    for attn, x_in in inputs:
+        A = attn.attention_matrix(x_in, hw)                       # (B, h, N, N)
+        rows = queries.expand(A.shape[:3])                        # (B, h, N)
+        mass = partner_mass(A, partner.clamp(min=0)[:, None])[rows].view(len(x), A.shape[1], -1)   # (B, h, N / 2)
+        mass = mass.mean((0, 2))                                  # (h,) over examples and queries
         mean.append(mass.mean().item())
         best.append(mass.max().item())
-        entropy.append(row_entropy(A)[(partner >= 0)[:, None, :].expand(A.shape[:3])].nanmean().item())   # rows with weight
+        entropy.append(row_entropy(A)[rows].nanmean().item())    # the query rows with weight
     top = max(range(len(mean)), key=mean.__getitem__)             # the layer that retrieves most
     return dict(accuracy=right / total, partner_mass=mean[top], best_head=best[top], entropy=entropy[top],
                 partner_mass_per_layer=mean, best_head_per_layer=best)
 
 
-def train_point(row, tokens, head_dim, seed, tr=TRAIN, progress=False):
+def train_point(variant, tokens, head_dim, seed, tr=TRAIN, progress=False):
     """Trains one point from its seed and measures it: a dict of FIELDS."""
     hw = grid(tokens)
     torch.manual_seed(seed)
-    model = RecallModel(row, head_dim, tr["width"], tr["depth"], tr["values"], tr["key_dim"])
+    model = RecallModel(variant, head_dim, tr["width"], tr["depth"], tr["values"], tr["key_dim"])
     opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=0)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -195,7 +198,7 @@ def train_point(row, tokens, head_dim, seed, tr=TRAIN, progress=False):
     steps = range(tr["steps"])
     if progress:
         from tqdm import tqdm
-        steps = tqdm(steps, desc=f"{row}, N={tokens}, d={head_dim}, seed {seed}", dynamic_ncols=True)
+        steps = tqdm(steps, desc=f"{variant}, N={tokens}, d={head_dim}, seed {seed}", dynamic_ncols=True)
     for step in steps:
         for group in opt.param_groups:                            # linear warmup, then cosine to 0
             group["lr"] = tr["lr"] * min((step + 1) / tr["warmup"], 0.5 * (1 + math.cos(math.pi * step / tr["steps"])))
@@ -208,91 +211,107 @@ def train_point(row, tokens, head_dim, seed, tr=TRAIN, progress=False):
         if progress and step % 50 == 0:
             steps.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - start
-    return dict(row=row, tokens=tokens, head_dim=head_dim, seed=seed, steps=tr["steps"], **measure(model, hw, tr, seed),
-                seconds=seconds, threads=torch.get_num_threads())
+    return dict(variant=variant, tokens=tokens, head_dim=head_dim, seed=seed, steps=tr["steps"],
+                **measure(model, hw, tr, seed), seconds=seconds, threads=torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------------------
-# The sweep: resumable, two points at a time
+# The sweep: a list of points (SWEEP x SEEDS), run by a small launcher, resumable
 # ----------------------------------------------------------------------------------------
 
 def read_points(path, steps=None):
-    """The finished points of the sweep's CSV: {(row, tokens, head_dim, seed): record}; steps: the
-    training steps they must all have had."""
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        points = {(r["row"], int(r["tokens"]), int(r["head_dim"]), int(r["seed"])): r for r in csv.DictReader(f)}
-    other = {r["steps"] for r in points.values()} - {str(steps)}
-    if steps is not None and other:
-        raise UserError(f"{path} holds points of {', '.join(sorted(other))} training steps, not {steps}: one sweep trains "
-                        f"every point alike; pick another --csv")
+    """The finished points of the sweep's CSV: {(variant, tokens, head_dim, seed): record}. steps:
+    the training steps they must all have had (None: one count, whatever it is). A last line cut
+    by a stopped write is left out with a note (the sweep runs that point again); anything else
+    that is not a point of this sweep is one line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except UnicodeDecodeError:
+        raise UserError(f"--csv {path} is not a CSV file of recall points (not text): give the sweep's CSV") from None
+    if lines and not lines[-1].endswith("\n"):
+        print(f"note: {path}: its last line was cut by a stopped write; leaving that point out")
+        lines = lines[:-1]
+    rows = list(csv.DictReader(lines))
+    if not lines or lines[0].strip().split(",") != FIELDS:
+        raise UserError(f"--csv {path} is not a CSV file of recall points: its first line must name the fields "
+                        f"{','.join(FIELDS)}")
+    try:
+        points = {(r["variant"], int(r["tokens"]), int(r["head_dim"]), int(r["seed"])): r for r in rows}
+        counts = {int(r["steps"]) for r in rows}
+        for r in rows:
+            float(r["accuracy"]), float(r["partner_mass"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--csv {path} holds a line that is no recall point ({e}): remove it") from None
+    other = counts - {steps} if steps is not None else (counts if len(counts) > 1 else set())
+    if other:
+        raise UserError(f"--csv {path} holds points of {', '.join(map(str, sorted(counts)))} training steps"
+                        + (f", not {steps}" if steps is not None else "") + ": one sweep trains every point alike; "
+                        "pick another --csv")
     return points
 
 
+def run_point(point, steps):
+    """One point of the sweep (in a worker process), formatted as a CSV record."""
+    variant, tokens, head_dim, seed = point
+    record = train_point(variant, tokens, head_dim, seed, {**TRAIN, "steps": steps})
+    return {**record, **{k: " ".join(f"{m:.4f}" for m in record[k]) for k in ("partner_mass_per_layer",
+                                                                             "best_head_per_layer")}}
+
+
 def sweep(args):
-    """Every point of SWEEP x SEEDS not yet in the CSV, --jobs at a time, each in its own process on
-    one thread; each finished point is appended to the CSV at once (a stopped sweep continues)."""
+    """Every point of SWEEP x SEEDS not yet in the CSV, --jobs at a time, each in a worker process on one
+    thread; each finished point is appended to the CSV at once (a stopped sweep continues)."""
     from tqdm import tqdm
     path = Path(args.csv)
-    done = read_points(path, args.steps)
-    todo = sorted(((row, n, d, s) for row, n, d in SWEEP for s in SEEDS if (row, n, d, s) not in done),
-                  key=lambda p: (p[1], p[3]))                     # the short points first, a seed of every row at a time
+    done = read_points(path, args.steps) if path.exists() else {}
+    todo = sorted(((v, n, d, s) for v, n, d in SWEEP for s in SEEDS if (v, n, d, s) not in done),
+                  key=lambda p: (p[1], p[3]))                     # the short points first, a seed of each at a time
     print(f"{len(done)} of {len(SWEEP) * len(SEEDS)} points in {path}; {len(todo)} to go, {args.jobs} at a time")
-    if not path.exists():
-        with atomic_write(path) as tmp:
-            tmp.write_text(",".join(FIELDS) + "\n")
-    running = []
-    bar = tqdm(total=len(todo), desc="recall sweep", dynamic_ncols=True)
+    with atomic_write(path) as tmp:                               # the finished points, and no cut line
+        tmp.write_text(",".join(FIELDS) + "\n" + "".join(",".join(r[k] for k in FIELDS) + "\n" for r in done.values()))
+    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),   # fresh processes,
+                               initializer=torch.set_num_threads, initargs=(1,))               # one thread each
     try:
-        while todo or running:
-            while todo and len(running) < args.jobs:
-                row, n, d, s = todo.pop(0)
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--attn", row, "--tokens", str(n), "--head-dim", str(d),
-                       "--seed", str(s), "--steps", str(args.steps), "--threads", "1", "--json"]
-                running.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                                env={**os.environ, "OMP_NUM_THREADS": "1"}))
-            time.sleep(0.5)
-            for proc in [p for p in running if p.poll() is not None]:
-                running.remove(proc)
-                out = proc.stdout.read().strip().splitlines()
-                if proc.returncode or not out:
-                    raise UserError(f"a point failed (exit {proc.returncode}): {' '.join(proc.args[2:])}")
-                record = json.loads(out[-1])
-                record.update({k: " ".join(f"{m:.4f}" for m in record[k]) for k in ("partner_mass_per_layer", "best_head_per_layer")})
+        futures = [pool.submit(run_point, point, args.steps) for point in todo]
+        with tqdm(total=len(todo), desc="recall sweep", dynamic_ncols=True) as bar:
+            for future in as_completed(futures):
+                record = future.result()
                 with open(path, "a", newline="") as f:
-                    csv.DictWriter(f, FIELDS).writerow(record)
+                    csv.DictWriter(f, FIELDS, lineterminator="\n").writerow(record)
                 bar.update(1)
-                bar.write(f"{record['row']}, N={record['tokens']}, d={record['head_dim']}, seed {record['seed']}: accuracy "
-                          f"{record['accuracy']:.3f}, partner mass {record['partner_mass']:.3f} ({record['seconds']:.0f} s)")
-    finally:
-        for proc in running:                                      # Ctrl-C: unfinished points are run again next time
-            proc.kill()
-        bar.close()
+                bar.write(f"{record['variant']}, N={record['tokens']}, d={record['head_dim']}, seed {record['seed']}: "
+                          f"accuracy {record['accuracy']:.3f}, partner mass {record['partner_mass']:.3f} "
+                          f"({record['seconds']:.0f} s)")
+    finally:                                                      # Ctrl-C: unfinished points are run again next time
+        pool.shutdown(wait=False, cancel_futures=True)
     return figure(path, Path(args.figure))
 
 
 def figure(path, png):
-    """Accuracy against N (one line per row, the seed spread as a band), partner mass against N,
+    """Accuracy against N (one line per variant, the seed spread as a band), partner mass against N,
     and accuracy against head dim at 256 tokens; the table in markdown on stdout."""
     points = read_points(path)
+    if not points:
+        raise UserError(f"--csv {path} holds no points yet: run --sweep first")
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     table = {}
     for key, r in points.items():
         table.setdefault(key[:3], []).append(r)
-    for i, row in enumerate(ROWS):
+    for i, variant in enumerate(VARIANTS):
         for ax, field in ((axes[0], "accuracy"), (axes[1], "partner_mass")):
-            ns = sorted({n for (r, n, d) in table if r == row and d == 32})
+            ns = sorted({n for (v, n, d) in table if v == variant and d == 32})
             if not ns:
                 continue
-            vals = [[float(r[field]) for r in table[(row, n, 32)]] for n in ns]
-            ax.plot(ns, [statistics.mean(v) for v in vals], "o-" if i < 3 else "s--", color=f"C{i}", label=row, ms=5)
+            vals = [[float(r[field]) for r in table[(variant, n, 32)]] for n in ns]
+            ax.plot(ns, [statistics.mean(v) for v in vals], "o-" if i < 3 else "s--", color=f"C{i}", label=variant,
+                    ms=5)
             ax.fill_between(ns, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
-        ds = sorted({d for (r, n, d) in table if r == row and n == 256})
+        ds = sorted({d for (v, n, d) in table if v == variant and n == 256})
         if len(ds) > 1:
-            vals = [[float(r["accuracy"]) for r in table[(row, 256, d)]] for d in ds]
-            axes[2].plot(ds, [statistics.mean(v) for v in vals], "o-", color=f"C{i}", label=row)
+            vals = [[float(r["accuracy"]) for r in table[(variant, 256, d)]] for d in ds]
+            axes[2].plot(ds, [statistics.mean(v) for v in vals], "o-", color=f"C{i}", label=variant)
             axes[2].fill_between(ds, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
     chance = 1 / TRAIN["values"]
     axes[0].axhline(chance, color="gray", ls=":", lw=1, label=f"chance, 1/{TRAIN['values']}")
@@ -315,15 +334,16 @@ def figure(path, png):
     for ax in (axes[0], axes[2]):
         ax.set_ylim(0, 1.02)
     fig.tight_layout()
-    with atomic_write(png) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    print("| row | tokens | head dim | accuracy (per seed) | mean | partner mass (per seed) | mean | entropy / log N | s per point |")
+    save_figure(fig, png, dpi=110)
+    print("| variant | tokens | head dim | accuracy (per seed) | mean | partner mass (per seed) | mean | "
+          "entropy / log N | s per point |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (row, n, d), rs in sorted(table.items(), key=lambda kv: (list(ROWS).index(kv[0][0]), kv[0][2] != 32, kv[0][2], kv[0][1])):
+    order = list(VARIANTS)
+    for (variant, n, d), rs in sorted(table.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][2] != 32, kv[0][2],
+                                                                      kv[0][1])):
         rs = sorted(rs, key=lambda r: int(r["seed"]))
         acc, mass = [float(r["accuracy"]) for r in rs], [float(r["partner_mass"]) for r in rs]
-        print(f"| {row} | {n} | {d} | {' / '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(acc):.3f} | "
+        print(f"| {variant} | {n} | {d} | {' / '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(acc):.3f} | "
               f"{' / '.join(f'{m:.3f}' for m in mass)} | {statistics.mean(mass):.3f} | "
               f"{statistics.mean(float(r['entropy']) for r in rs):.3f} | "
               f"{statistics.mean(float(r['seconds']) for r in rs):.0f} |")
@@ -336,62 +356,61 @@ def figure(path, png):
 # ----------------------------------------------------------------------------------------
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Associative recall (MQAR) on a token grid: one point, or the sweep over length "
-                                "and state size.", formatter_class=HelpFormatter)
-    p.add_argument("--attn", default="dydila", metavar="ROW", help=f"the attention of the point: {', '.join(ROWS)}")
-    p.add_argument("--tokens", type=int, default=64, help="N, an even square: the grid is sqrt(N) x sqrt(N), N/2 key-value pairs")
-    p.add_argument("--head-dim", type=int, default=32, help=f"head dim d (width {TRAIN['width']} / d heads; a linear head "
-                   "keeps a d x d state)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model and the training examples")
-    p.add_argument("--steps", type=int, default=TRAIN["steps"], help="training steps (the sweep: the default for every point)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--json", action="store_true", help="print the point as one JSON line (what the sweep reads)")
-    p.add_argument("--sweep", action="store_true", help="run every point of the sweep not yet in --csv (3 seeds each), "
-                   "then draw --figure and print the table; stop it any time, it continues where it stopped")
-    p.add_argument("--jobs", type=int, default=2, help="with --sweep: points at a time, one thread each")
-    p.add_argument("--csv", default=str(ROOT / "assets" / "recall.csv"), help="the sweep's points, one row each")
-    p.add_argument("--figure", default=str(ROOT / "assets" / "recall.png"), help="the sweep's figure")
+    p = Parser("Associative recall (MQAR) on a token grid: one point, or the sweep over length and state size.")
+    p.add_argument("--attn", type=name_of(list(VARIANTS)), default="dydila", metavar="VARIANT",
+                   help=f"the attention variant of the point: {', '.join(VARIANTS)}")
+    p.add_argument("--tokens", type=whole(4), default=64, help="N, an even square: the grid is sqrt(N) x sqrt(N), "
+                   "N/2 key-value pairs")
+    p.add_argument("--head-dim", type=whole(1), default=32, help=f"head dim d (width {TRAIN['width']} / d heads; a "
+                   "linear head keeps a d x d state)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the model and the training examples")
+    p.add_argument("--steps", type=whole(1), default=TRAIN["steps"], help="training steps (the sweep: the default for "
+                   "every point)")
+    p.add_argument("--threads", type=whole(1), default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the point as one JSON line")
+    p.add_argument("--sweep", action="store_true", help="run every point of the sweep not yet in --csv (3 seeds "
+                   "each), then draw --figure and print the table; stop it any time, it continues where it stopped")
+    p.add_argument("--jobs", type=whole(1), default=2, help="with --sweep: points at a time, one thread each")
+    p.add_argument("--csv", default=str(ROOT / "assets" / "recall.csv"), help="the sweep's points, one line each")
+    p.add_argument("--figure", default=str(ROOT / "assets" / "recall.png"), help="the sweep's figure (an image file)")
     p.add_argument("--plot", action="store_true", help="only draw --figure and print the table from --csv")
     return p
 
 
-def run(args):
+def run(argv):
+    args = get_parser().parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.sweep or args.plot:
-        if args.jobs < 1:
-            raise UserError(f"--jobs must be >= 1, got {args.jobs}")
         for flag, path in (("--csv", args.csv), ("--figure", args.figure)):
             check_writable(path, flag, folder=False)
+        check_image_format(args.figure, "--figure")
         if args.plot and not Path(args.csv).exists():
             raise UserError(f"--csv {args.csv}: no such file; run --sweep first")
         return figure(Path(args.csv), Path(args.figure)) if args.plot else sweep(args)
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if not 0 <= args.seed < 2**32:
-        raise UserError(f"--seed must lie in [0, 2**32), got {args.seed}")
-    grid(args.tokens)
-    RecallModel(args.attn, args.head_dim, TRAIN["width"], TRAIN["depth"], TRAIN["values"], TRAIN["key_dim"])   # checks
+    hw = grid(args.tokens)
+    check_head_dim(args.head_dim)
+    heads = TRAIN["width"] // args.head_dim                       # the measure's N x N weights, float64, and a copy
+    check_fits(2 * 8 * MEASURE_EXAMPLES * heads * (hw[0] * hw[1]) ** 2, torch.device("cpu"),
+               f"measuring {MEASURE_EXAMPLES} examples of --tokens {args.tokens}", "use fewer --tokens")
     point = train_point(args.attn, args.tokens, args.head_dim, args.seed, {**TRAIN, "steps": args.steps},
                         progress=not args.json)
     if args.json:
         print(json.dumps(point))
         return 0
-    print(f"{point['row']}, N = {point['tokens']} ({point['tokens'] // 2} key-value pairs), head dim {point['head_dim']}, "
-          f"seed {point['seed']}, {args.steps} steps in {point['seconds']:.0f} s:")
+    print(f"{point['variant']}, N = {point['tokens']} ({point['tokens'] // 2} key-value pairs), head dim "
+          f"{point['head_dim']}, seed {point['seed']}, {args.steps} steps in {point['seconds']:.0f} s:")
     print(f"  query accuracy {point['accuracy']:.3f} (chance {1 / TRAIN['values']:.3f})")
     print(f"  partner mass per layer (uniform 1/N = {1 / point['tokens']:.4f}; exact retrieval 1): mean over heads "
           + " ".join(f"{m:.3f}" for m in point["partner_mass_per_layer"]) + ", best head "
           + " ".join(f"{m:.3f}" for m in point["best_head_per_layer"]))
-    print(f"  the layer that retrieves most: partner mass {point['partner_mass']:.3f}, best head {point['best_head']:.3f}, "
-          f"query rows' entropy / log N {point['entropy']:.3f}")
+    print(f"  the layer that retrieves most: partner mass {point['partner_mass']:.3f}, best head "
+          f"{point['best_head']:.3f}, query rows' entropy / log N {point['entropy']:.3f}")
     return 0
 
 
 def main(argv=None):
-    return cli(run, get_parser().parse_args(argv))
+    return cli(run, argv)
 
 
 if __name__ == "__main__":

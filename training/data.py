@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .run import UserError, atomic_write, check_fits, check_writable, file_digest
+from .cli import UserError, check_fits, check_writable
+from .files import atomic_write, file_digest
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -33,7 +34,7 @@ DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fas
 FASHION_DIRS = [DEBIAN_FASHION_DIR]                     # where Fashion-MNIST is looked for after the data folder
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
-DEFAULT_DATA_DIR = "./data"                             # the data folder when none is given (created for the CIFAR-10 download)
+DEFAULT_DATA_DIR = "./data"                             # the data folder when none is given (made for a download)
 DATASETS = ("cifar10", "subin", "fashion-mnist", "synthetic")
 SYNTHETIC_BYTES_PER_PIXEL = 3 * 8 * 2                   # make_synthetic: float64 RGB, the grating and the image
 PROBES = ("copy",)
@@ -68,13 +69,19 @@ def copy_probe(images):
     return torch.cat([half, half], dim=2).round().to(torch.uint8)
 
 
+def not_a_folder(path):
+    """Why `path` (not a folder) is no data folder, in words."""
+    return "is a file, not a folder" if Path(path).exists() else "does not exist"
+
+
 def load_cifar10(data_dir, explicit=True):
     """The official python-version CIFAR-10: a cifar-10-batches-py folder, or its tarball
     (checked against its MD5 before extraction), or a download of the tarball. explicit: the
     user named data_dir, so it must exist (the default ./data is created for the download)."""
     data_dir = Path(data_dir)
     if explicit and not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} does not exist: create it (CIFAR-10 is then downloaded into it), "
+        raise UserError(f"--data-dir {data_dir} {not_a_folder(data_dir)}: create it (CIFAR-10 is then downloaded "
+                        f"into it), "
                         f"or point it at the folder that holds cifar-10-batches-py")
     folder, tarball = data_dir / "cifar-10-batches-py", data_dir / "cifar-10-python.tar.gz"
     if not folder.is_dir():
@@ -108,8 +115,8 @@ def load_cifar10(data_dir, explicit=True):
 
     train = [read(f"data_batch_{i}") for i in range(1, 6)]
     val_x, val_y = read("test_batch")
-    return ImageData(torch.from_numpy(np.concatenate([x for x, _ in train])), torch.from_numpy(np.concatenate([y for _, y in train])),
-                     torch.from_numpy(val_x), torch.from_numpy(val_y), CIFAR10_CLASSES, flip=True)
+    train_x, train_y = (torch.from_numpy(np.concatenate(part)) for part in zip(*train))
+    return ImageData(train_x, train_y, torch.from_numpy(val_x), torch.from_numpy(val_y), CIFAR10_CLASSES, flip=True)
 
 
 def read_idx(path):
@@ -134,7 +141,8 @@ def load_fashion_mnist(data_dir, explicit=True):
     exist; files found in another folder are announced."""
     data_dir = Path(data_dir)
     if explicit and not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} does not exist: point it at the folder with the Fashion-MNIST IDX "
+        raise UserError(f"--data-dir {data_dir} {not_a_folder(data_dir)}: point it at the folder with the "
+                        f"Fashion-MNIST IDX "
                         f"files, or leave --data-dir out to read Debian's package folder {DEBIAN_FASHION_DIR}")
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     for folder in [data_dir, data_dir / "fashion-mnist", *map(Path, FASHION_DIRS)]:
@@ -199,22 +207,28 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
     49 images. Decoded once, then cached in cache_dir. Every folder error is found before decoding."""
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} does not exist: point it at ImageNet's train folder (one subfolder per class)")
+        raise UserError(f"--data-dir {data_dir} {not_a_folder(data_dir)}: point it at ImageNet's train folder "
+                        f"(one subfolder per class)")
     folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
     if class_list is not None:
         try:
             wanted = [line.strip() for line in Path(class_list).read_text().splitlines() if line.strip()]
         except OSError as e:
             raise UserError(f"cannot read --class-list {class_list}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--class-list {class_list} is not a text file: write one class folder name per "
+                            f"line") from None
         missing = [c for c in wanted if c not in folders]
         if not wanted:
             raise UserError(f"--class-list {class_list} names no classes: write one class folder name per line")
         if missing:
-            raise UserError(f"--class-list names {len(missing)} classes with no folder in {data_dir}, e.g. {missing[0]}")
+            raise UserError(f"--class-list names {len(missing)} classes with no folder in {data_dir}, "
+                            f"e.g. {missing[0]}")
         classes = wanted
     else:
         if not folders:
-            raise UserError(f"no class folders in {data_dir}: --data-dir must be ImageNet's train folder (one subfolder per class)")
+            raise UserError(f"no class folders in {data_dir}: --data-dir must be ImageNet's train folder (one "
+                            f"subfolder per class)")
         classes = folders[:num_classes]
     files = {c: sorted(p for p in (data_dir / c).iterdir() if p.suffix in IMAGE_SUFFIXES) for c in classes}
     empty = [c for c in classes if not files[c]]
@@ -222,7 +236,8 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
         raise UserError(f"class folder {data_dir / empty[0]} has no images ({len(empty)} such folders): remove them, "
                         f"or pick classes with --class-list")
     split = "held out: every 50th, or the last of a class with 2 to 49"  # in the key: another rule, another cache
-    key = hashlib.md5(json.dumps([str(data_dir.resolve()), classes, image_size, {c: len(f) for c, f in files.items()}, split]).encode()).hexdigest()[:12]
+    described = [str(data_dir.resolve()), classes, image_size, {c: len(f) for c, f in files.items()}, split]
+    key = hashlib.md5(json.dumps(described).encode()).hexdigest()[:12]
     cache = cache_dir / f"subin-{len(classes)}cls-{image_size}px-{key}.npz"
     if cache.exists():
         try:
@@ -237,7 +252,7 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
         held = np.array([j % 50 == 49 or (2 <= len(files[c]) < 50 and j == len(files[c]) - 1)
                          for c in classes for j in range(len(files[c]))], dtype=bool)
         check_fits(2 * len(jobs) * 3 * image_size ** 2, torch.device("cpu"), f"decoding {len(jobs)} images at "
-                   f"{image_size} x {image_size}", "use a smaller --image-size or fewer classes")   # the decoded list, then stacked
+                   f"{image_size} x {image_size}", "use a smaller --image-size or fewer classes")   # decoded, stacked
         check_writable(cache, "--cache-dir", folder=False)      # before the minutes of decoding, not after
         images = decode_all(jobs)
         ok = np.array([im is not None for im in images], dtype=bool)
@@ -248,7 +263,8 @@ def load_subin(data_dir, num_classes, class_list, image_size, cache_dir):
         x = np.stack([im for im in images if im is not None]).transpose(0, 3, 1, 2)  # (N, 3, S, S)
         labels, held = labels[ok], held[ok]
         if not held.any() or held.all():
-            raise UserError(f"the readable images of {data_dir} leave no {'validation' if not held.any() else 'training'} "
+            missing = "validation" if not held.any() else "training"
+            raise UserError(f"the readable images of {data_dir} leave no {missing} "
                             f"image (every 50th image of a class is held out, or the last of a class with 2 to 49): "
                             f"add images or classes")
         arrays = [x[~held], labels[~held], x[held], labels[held]]
@@ -261,30 +277,34 @@ def make_synthetic(image_size, num_classes=10, n_train=5000, n_val=500):
     """Procedural class-conditional images, no files: class c is a colour grating at angle
     c * 180 / num_classes degrees, with random phase, frequency and brightness."""
     check_fits(SYNTHETIC_BYTES_PER_PIXEL * (n_train + n_val) * image_size ** 2, torch.device("cpu"),
-               f"drawing {n_train + n_val} synthetic images at {image_size} x {image_size}", "use a smaller --image-size")
+               f"drawing {n_train + n_val} synthetic images at {image_size} x {image_size}",
+               "use a smaller --image-size")
     rng = np.random.default_rng(0)                      # fixed: the same data in every run
     yy, xx = np.meshgrid(np.linspace(-1, 1, image_size), np.linspace(-1, 1, image_size), indexing="ij")
-    palette = np.stack([np.cos(2 * np.pi * (np.arange(num_classes) / num_classes + k / 3)) for k in range(3)], 1)  # (K, 3)
+    hues = np.arange(num_classes) / num_classes
+    palette = np.stack([np.cos(2 * np.pi * (hues + k / 3)) for k in range(3)], 1)                           # (K, 3)
 
     def draw(n):
         y = rng.integers(0, num_classes, n)
         angle = np.pi * y / num_classes
         freq = rng.uniform(2, 4, n) * np.pi
         phase = rng.uniform(0, 2 * np.pi, n)
-        wave = np.sin(freq[:, None, None] * (np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy) + phase[:, None, None])
-        img = wave[:, None] * (0.5 + 0.5 * palette[y][:, :, None, None]) * rng.uniform(0.6, 1.0, (n, 1, 1, 1))  # (n, 3, S, S)
+        cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+        wave = np.sin(freq[:, None, None] * (cos * xx + sin * yy) + phase[:, None, None])                    # (n, S, S)
+        brightness = rng.uniform(0.6, 1.0, (n, 1, 1, 1))
+        img = wave[:, None] * (0.5 + 0.5 * palette[y][:, :, None, None]) * brightness                    # (n, 3, S, S)
         return torch.from_numpy(((img + 1) * 127.5).clip(0, 255).astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
 
     (tx, ty), (vx, vy) = draw(n_train), draw(n_val)
     return ImageData(tx, ty, vx, vy, [f"class {c}" for c in range(num_classes)], flip=False)
 
 
-def load_data(dataset, data_dir=None, image_size=32, num_classes=100, class_list=None, cache_dir="./data/cache", flip=True,
-              probe=None):
+def load_data(dataset, data_dir=None, image_size=32, num_classes=100, class_list=None, cache_dir="./data/cache",
+              flip=True, probe=None):
     """One of DATASETS. data_dir None: the default places (./data; Debian's Fashion-MNIST folder).
     num_classes, class_list: Sub-IN's classes. flip=False turns off the random horizontal flips
     (on for cifar10 and subin). probe="copy": every image, training and held out, as copy_probe makes it."""
-    folder, explicit = Path(data_dir or DEFAULT_DATA_DIR), data_dir is not None
+    folder, explicit = Path(DEFAULT_DATA_DIR if data_dir is None else data_dir), data_dir is not None
     if dataset == "cifar10":
         data = load_cifar10(folder, explicit)
     elif dataset == "fashion-mnist":
@@ -297,6 +317,16 @@ def load_data(dataset, data_dir=None, image_size=32, num_classes=100, class_list
     if probe == "copy":
         data.train_x, data.val_x = copy_probe(data.train_x), copy_probe(data.val_x)
     return data
+
+
+def announce_sizes(data, val_size, batch_size):
+    """A note when the held-out set or the training set is smaller than what a run asks of it."""
+    if val_size > len(data.val_x):
+        print(f"note: --val-size {val_size} is more than the {len(data.val_x)} held-out images: validating on all "
+              f"of them")
+    if batch_size > len(data.train_x):
+        print(f"note: --batch-size {batch_size} is more than the {len(data.train_x)} training images: "
+              f"each batch holds some images twice")
 
 
 class Batches:
@@ -327,3 +357,20 @@ class Batches:
             flip = (torch.rand(self.batch, generator=g) < 0.5)[self.rank * per_rank:(self.rank + 1) * per_rank]
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
         return x, self.y[idx.to(self.y.device)]
+
+
+def run_data(args, data_dir=None):
+    """The data a run trained on (args: a Run's arguments, at least its dataset): from data_dir if
+    given, else where the run read it if that folder still exists, else the default places."""
+    kept = vars(args)
+    if data_dir is None and kept.get("data_dir") is not None and Path(kept["data_dir"]).is_dir():
+        data_dir = kept["data_dir"]
+    return load_data(args.dataset, data_dir, args.image_size, args.num_classes, kept.get("class_list"),
+                     kept.get("cache_dir", "./data/cache"), probe=kept.get("probe"))
+
+
+def held_out_image(data, index, name):
+    """Held-out image `index` of data (named `name` in the error) in [-1, 1] (c, S, S), and its label."""
+    if not 0 <= index < len(data.val_x):
+        raise UserError(f"--index {index} is out of range: the {name} held-out set has images 0..{len(data.val_x) - 1}")
+    return to_float(data.val_x[index]), int(data.val_y[index])

@@ -1,55 +1,30 @@
 """
-A run's model and what it shows of itself: the model and objective its arguments describe
-(load_run rebuilds them from a checkpoint), the validation loss (fixed times, fixed noise), EMA
-samples (class-balanced, from a fixed seed), sample grids, and loss.png (the losses; with
-sample-quality scores in the log, a second panel).
+What a run shows of itself while it trains: the validation loss (fixed times, fixed noise), EMA
+samples (class-balanced, from a fixed seed), sample grids, loss.png; and the Evaluator, which does
+train_tiny.py's evaluations (checkpoint, validate, score, grid), each a short method of its own.
 """
 
-import argparse
 import math
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import dydilit as D
+from .checkpoint import build_objective, default_sampler, save_checkpoint
+from .cli import UserError, metric_samples
 from .data import to_float, to_uint8
-from .run import UserError, atomic_write, load_checkpoint, read_log
+from .figures import pyplot, save_figure
+from .log import read_log
+from .quality import SampleQuality, copy_error, describe
 
 VAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)                  # validation: fixed times and fixed noise, same for every run
 VAL_NOISE_SEED = 1234
-
-
-def build_model(spec):
-    """The model a spec describes (training.run.run_spec: a preset of dydilit.MODELS with softmax
-    (DiT), linear (LiT) or DyDiLA attention and its switches)."""
-    switches = {k: not spec[f"no_{k}"] for k in ("dynamic_projection", "dynamic_kernel", "token_differential")}
-    return D.MODELS[spec["model"]](input_size=spec["image_size"], in_channels=spec["channels"], num_classes=spec["num_classes"],
-                                   attn=spec["attn"], attn_kwargs=switches if spec["attn"] == "dydila" else {})
-
-
-def build_objective(spec):
-    """The objective a spec describes: rectified flow, or DDPM with its noise schedule."""
-    return D.FlowMatching() if spec["objective"] == "flow" else D.DDPM(schedule=spec["ddpm_schedule"])
-
-
-def default_sampler(objective):
-    """The sampler when none is asked for: Euler for flow matching, DDIM for DDPM."""
-    return "euler" if objective == "flow" else "ddim"
-
-
-def load_run(path):
-    """(model with the EMA weights, in eval mode, on the CPU; objective; the run as a namespace:
-    its arguments (train_tiny.py's flags, where it kept them) and its spec; the checkpoint)."""
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt["spec"])
-    try:
-        model.load_state_dict(ckpt["ema"])
-    except (RuntimeError, TypeError, AttributeError):
-        raise UserError(f"{path}: the weights do not fit the model its spec describes; the checkpoint is damaged") from None
-    return model.eval(), build_objective(ckpt["spec"]), argparse.Namespace(**{**ckpt.get("args", {}), **ckpt["spec"]}), ckpt
+DIVERGED = 100                                          # a validation loss this many times a zero output's: diverged
+COPY_SAMPLES = 100                                      # --probe copy: EMA samples whose copy error is logged
 
 
 class PredictsZero(torch.nn.Module):
@@ -88,16 +63,9 @@ def validation_loss(model, objective, val_x, val_y, amp=None, progress=True):
     return sum(per_t) / len(per_t), per_t
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 @torch.no_grad()
-def generate(model, objective, n, num_classes, channels, size, device, cfg_scale, steps, sampler, amp=None, batch=250, seed=0):
+def generate(model, objective, n, num_classes, channels, size, device, cfg_scale, steps, sampler, amp=None, batch=250,
+             seed=0):
     """n EMA samples with class-balanced labels (0, 1, ..., K-1, 0, 1, ...) from a fixed seed:
     uint8 images (n, c, S, S) and labels (n,). amp: as in validation_loss (None: full precision)."""
     amp = amp or nullcontext
@@ -117,7 +85,8 @@ def generate(model, objective, n, num_classes, channels, size, device, cfg_scale
 
 
 @torch.no_grad()
-def sample_grid(model, objective, classes, channels, size, device, path, cfg_scale, steps, sampler, amp=None, per_class=8):
+def sample_grid(model, objective, classes, channels, size, device, path, cfg_scale, steps, sampler, amp=None,
+                per_class=8):
     """Rows: up to 10 classes; columns: samples; from a fixed generator. Writes an image file at
     path (str or Path; PNG, or another format matplotlib writes). amp: as in validation_loss."""
     path, amp = Path(path), amp or nullcontext
@@ -129,7 +98,8 @@ def sample_grid(model, objective, classes, channels, size, device, path, cfg_sca
     with amp():
         x = objective.sample(model, (len(y), channels, size, size), y, steps=steps, cfg_scale=cfg_scale,
                              generator=torch.Generator().manual_seed(0), sampler=sampler,
-                             progress=lambda it: tqdm(it, desc=f"sampling {path.name}", leave=False, dynamic_ncols=True))
+                             progress=lambda steps: tqdm(steps, desc=f"sampling {path.name}", leave=False,
+                                                         dynamic_ncols=True))
     img = to_uint8(x)                                                                      # (R*K, c, S, S)
     img = img.view(len(rows), per_class, channels, size, size).permute(0, 3, 1, 4, 2)    # (R, S, K, S, c)
     img = img.reshape(len(rows) * size, per_class * size, channels).numpy()
@@ -139,9 +109,7 @@ def sample_grid(model, objective, classes, channels, size, device, path, cfg_sca
     ax.set_xticks([])
     ax.set_title(path.stem, fontsize=9)
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     model.train(was_training)
 
 
@@ -149,15 +117,15 @@ def plot_losses(log_path, png_path):
     """The losses; with sample-quality scores in the log, a panel with FD-cnn (and FID) of the EMA
     samples, the held-out real images' values dashed; with the copy probe's, a panel of its copy error."""
     log_path, plt = Path(log_path), pyplot()
-    rows = read_log(log_path)
-    scored = [r for r in rows if "fd_cnn" in r]
-    copied = [r for r in rows if "copy_error" in r]
+    records = read_log(log_path)
+    scored = [r for r in records if "fd_cnn" in r]
+    copied = [r for r in records if "copy_error" in r]
     panels = 1 + bool(scored) + bool(copied)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     axes = list(axes[0])
     ax = axes.pop(0)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if train:
         ax.plot(*zip(*train), label="train loss", alpha=0.7)
     if val:
@@ -167,7 +135,7 @@ def plot_losses(log_path, png_path):
     ax.legend()
     if scored:
         ax = axes.pop(0)
-        real = next((r for r in rows if "real_fd_cnn" in r), {})
+        real = next((r for r in records if "real_fd_cnn" in r), {})
         n = scored[-1]["metric_samples"]
         for key, name, colour in (("fd_cnn", "FD-cnn", "C0"), ("fid", "FID", "C1")):
             points = [(r["step"], r[key]) for r in scored if key in r]
@@ -184,11 +152,101 @@ def plot_losses(log_path, png_path):
         ax.plot([r["step"] for r in copied], [r["copy_error"] for r in copied], "o-", color="C2",
                 label=f"{copied[-1]['copy_samples']} EMA samples")
         ax.axhline(1, color="gray", ls="--", label="independent halves")
-        ax.set(xlabel="step", ylabel="copy error (0: exact copies)", ylim=(0, max(1.1, max(r["copy_error"] for r in copied))),
-               title="copy probe")
+        ax.set(xlabel="step", ylabel="copy error (0: exact copies)", title="copy probe",
+               ylim=(0, max(1.1, max(r["copy_error"] for r in copied))))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_write(png_path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path, dpi=100)
+
+
+class Evaluator:
+    """train_tiny.py's evaluations, made on rank 0 while the other ranks wait. An evaluation
+    (calling it) writes the checkpoint first, so that a signal after it loses nothing; then
+    validates (a diverged run ends), scores EMA samples (the copy probe's copy error, sample
+    quality) and draws a grid, each ended at once by a signal (stop.at_once)."""
+
+    def __init__(self, args, spec, data, raw, ema, opt, sampling_model, amp, log, stop, device, main, inception=None,
+                 saved_at=None):
+        self.args, self.spec, self.data, self.amp, self.log, self.stop, self.device = \
+            args, spec, data, amp, log, stop, device
+        self.raw, self.ema, self.opt, self.sampling_model = raw, ema, opt, sampling_model   # sampling: the EMA
+        self.main, self.inception, self.saved_at = main, inception, saved_at   # saved_at: the step in ckpt_path
+        self.out = Path(args.out_dir)
+        self.ckpt_path = self.out / "ckpt.pt"
+        self.objective, self.sampler = build_objective(spec), args.sampler or default_sampler(spec["objective"])
+        self.val_x, self.val_y = data.val_x[:args.val_size].to(device), data.val_y[:args.val_size].to(device)
+        self.n_metric = metric_samples(args, device)
+        self.zero_loss = self.quality = None         # the zero model's validation loss, the metric: at first use
+
+    def __call__(self, step, checkpoint=True, samples=True, grid=None):
+        """One evaluation at `step`; grid: the file name of a sample grid, if one is due."""
+        if checkpoint:
+            self.saved_at = step                     # on every rank: they decide alike whether the run ends with one
+        if self.main:
+            if checkpoint:
+                self.checkpoint(step)
+            with self.stop.at_once():
+                if checkpoint:
+                    self.validate(step)
+                if samples and (self.n_metric or self.args.probe):
+                    self.score(step)
+                if grid:
+                    self.grid(step, grid)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    @property
+    def kept(self):
+        """What the run keeps if it ends now, in words."""
+        if self.saved_at is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint {self.ckpt_path} is of step {self.saved_at}, before them"
+
+    def checkpoint(self, step):
+        save_checkpoint(self.ckpt_path, self.raw, self.ema, self.opt, step, self.spec, self.data.classes,
+                        {**vars(self.args), **self.spec})
+        if self.stop.signals:
+            print(f"interrupted at step {step}: checkpoint saved to {self.ckpt_path}; validating "
+                  f"(press Ctrl-C again to skip)", flush=True)
+
+    def validate(self, step):
+        """The validation loss of the training weights, logged and plotted; a loss DIVERGED times the
+        zero model's (or not finite) ends the run."""
+        val, per_t = validation_loss(self.raw, self.objective, self.val_x, self.val_y, self.amp)
+        self.log.write(step, val_loss=val, val_loss_per_t=dict(zip(map(str, VAL_TIMES), per_t)))
+        plot_losses(self.log.path, self.out / "loss.png")
+        tqdm.write(f"step {step}: val loss {val:.4f}, checkpoint {self.ckpt_path}")
+        if self.zero_loss is None:
+            self.zero_loss = validation_loss(PredictsZero(), self.objective, self.val_x, self.val_y, progress=False)[0]
+        if not val < DIVERGED * self.zero_loss:                   # also true for nan and inf
+            raise UserError(f"the run diverged: validation loss {val:.3g} at step {step}, against "
+                            f"{self.zero_loss:.3g} for a model that outputs 0; {self.ckpt_path} holds these "
+                            f"diverged weights. Start again in a new --out-dir with a lower --lr")
+
+    def score(self, step):
+        """EMA samples: their copy error (--probe) and their quality (--fid-samples), logged and plotted."""
+        a = self.args
+        images, labels = generate(self.sampling_model, self.objective, max(self.n_metric, COPY_SAMPLES * bool(a.probe)),
+                                  self.spec["num_classes"], self.spec["channels"], a.image_size, self.device,
+                                  a.cfg_scale, a.sample_steps, self.sampler, self.amp)
+        if a.probe:
+            error = copy_error(images, labels)
+            self.log.write(step, copy_error=error, copy_samples=len(images))
+            tqdm.write(f"step {step}: copy error of {len(images)} EMA samples {error:.3f} "
+                       f"(0: exact copies, 1: independent halves)")
+        if self.n_metric:
+            if self.quality is None:                              # minutes on a CPU the first time: not before
+                self.quality = SampleQuality(self.data, a.dataset, a.cache_dir, self.device, self.n_metric,
+                                             self.inception)
+                real = {f"real_{k}": v for k, v in self.quality.real().items() if k != "metric_samples"}
+                self.log.write(step, **real, metric_samples=self.n_metric)
+                tqdm.write(f"held-out real images: {describe({**real, 'metric_samples': self.n_metric}, 'real_')}")
+            scores = self.quality.score(images[:self.n_metric], labels[:self.n_metric])
+            self.log.write(step, **scores)
+            tqdm.write(f"step {step}: EMA samples: {describe(scores)}")
+        plot_losses(self.log.path, self.out / "loss.png")
+
+    def grid(self, step, name):
+        sample_grid(self.sampling_model, self.objective, self.data.classes, self.spec["channels"], self.args.image_size,
+                    self.device, self.out / name, self.args.cfg_scale, self.args.sample_steps, self.sampler, self.amp)

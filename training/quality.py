@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from .data import to_float
-from .run import UserError, atomic_write, file_digest
+from .cli import UserError
+from .files import atomic_write, file_digest
 
 CNN_STEPS, CNN_BATCH, CNN_LR = 1500, 128, 2e-3          # the metric classifier's training (seeded, once per dataset)
 FID_REFERENCE_MIN = 10_000                              # FID: training images in the reference statistics (at least)
@@ -49,7 +50,8 @@ def read_cache(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read the cached {what} {path} ({e.__class__.__name__}): delete it and it is made again") from None
+        raise UserError(f"cannot read the cached {what} {path} ({e.__class__.__name__}): delete it and it is made "
+                        f"again") from None
 
 
 def data_key(*parts, images=None):
@@ -108,7 +110,8 @@ def metric_classifier(data, dataset, cache_dir, device):
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, CNN_LR, total_steps=CNN_STEPS)
         cnn.train()
         order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(CNN_STEPS * CNN_BATCH // len(x) + 1)])
-        for step in tqdm(range(CNN_STEPS), desc=f"training the metric classifier for {dataset} (once)", dynamic_ncols=True):
+        for step in tqdm(range(CNN_STEPS), desc=f"training the metric classifier for {dataset} (once)",
+                         dynamic_ncols=True):
             idx = order[step * CNN_BATCH:(step + 1) * CNN_BATCH]
             xb = to_float(x[idx].to(device))
             if data.flip:                                      # the same flips the diffusion model trains with
@@ -183,7 +186,8 @@ def inception_reference(net, net_hash, data, dataset, n, cache_dir, device):
     if saved is not None:
         return saved["mu"].numpy(), saved["cov"].numpy(), n_ref
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_ref]
-    mu, cov = gaussian_stats(inception_features(net, x[idx], device, desc=f"FID reference: {n_ref} training images (once)"))
+    features = inception_features(net, x[idx], device, desc=f"FID reference: {n_ref} training images (once)")
+    mu, cov = gaussian_stats(features)
     with atomic_write(path) as tmp:
         torch.save({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, tmp)
     return mu, cov, n_ref
@@ -220,15 +224,18 @@ class SampleQuality:
         self.inception = self.fid_ref = None
         if inception is not None:
             self.inception, digest = inception
-            *self.fid_ref, self.fid_ref_n = inception_reference(self.inception, digest, data, dataset, n, Path(cache_dir), device)
+            *self.fid_ref, self.fid_ref_n = inception_reference(self.inception, digest, data, dataset, n,
+                                                                Path(cache_dir), device)
 
     def score(self, images, labels):
-        """uint8 images (n, c, S, S), their labels -> {"fd_cnn", "cnn_acc", "fid" (with Inception), "metric_samples"}."""
+        """uint8 images (n, c, S, S), their labels -> {"fd_cnn", "cnn_acc", "fid" (with Inception),
+        "metric_samples"}."""
         feats, pred = cnn_outputs(self.cnn, images, self.device)
         out = {"fd_cnn": frechet_distance(*gaussian_stats(feats), *self.cnn_ref),
                "cnn_acc": (pred == labels).float().mean().item(), "metric_samples": len(images)}
         if self.inception is not None:
-            feats = inception_features(self.inception, images, self.device, desc=f"Inception features of {len(images)} images")
+            feats = inception_features(self.inception, images, self.device,
+                                       desc=f"Inception features of {len(images)} images")
             out["fid"] = frechet_distance(*gaussian_stats(feats), *self.fid_ref)
         return out
 
