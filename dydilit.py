@@ -450,6 +450,8 @@ def sincos_pos_embed(dim, H, W):
     the channels encodes the column, the second half the row, each as [sin(pos w), cos(pos w)]
     with w = 10000^(-k / (dim/4)); tokens row-major. -> (H*W, dim). A DiT checkpoint's weights
     mean the same here (LiT initialises from a trained DiT)."""
+    if dim % 4 != 0:
+        raise ValueError(f"dim = {dim} must be a multiple of 4: sin and cos of the column and of the row")
     w = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
     def embed(pos):                                             # (H, W) -> (H*W, dim/2)

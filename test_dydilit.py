@@ -640,6 +640,11 @@ def test_model_construction_errors(kwargs, message):
         D.DyDiLiT(**{**base, **kwargs})
 
 
+def test_the_position_embedding_refuses_a_width_it_cannot_split_in_four():
+    with pytest.raises(ValueError, match="dim = 6 must be a multiple of 4"):
+        D.sincos_pos_embed(6, 2, 2)
+
+
 def test_model_input_errors():
     model = D.DyDiLiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4)
     x, t, y = batch(model)

@@ -46,7 +46,7 @@ def train(args):
     with GracefulStop(note=f"before the first training step: {before}") as stop, own_run_folder(out, args.resume):
         # --- setup: devices, DDP ---------------------------------------------------------------
         ddp, rank, world, device = init_distributed()
-        main, ddp_cuda = rank == 0, ddp and device.type == "cuda"
+        main = rank == 0
         inception = load_inception(args.fid_inception, device) if args.fid_inception and main else None
 
         # --- data ------------------------------------------------------------------------------
@@ -80,7 +80,8 @@ def train(args):
                 print("compiling the model (the first step takes a minute or more; --no-compile runs eager)")
             model, sampling_model = torch.compile(raw), torch.compile(ema)
         if ddp:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if ddp_cuda else None)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
         objective = build_objective(spec)
         amp, amp_dtype, precision = precision_context(args.precision, device)
         if main:

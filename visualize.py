@@ -264,47 +264,56 @@ def untrained(args, out):
 
 
 def from_checkpoints(args, out):
-    """Trained runs on one held-out image noised to each t: the figures at one layer, the page at all."""
+    """Trained runs on one held-out image noised to each t: the page at every layer, the figures at one."""
     runs = [load_run(path) for path in args.ckpt]
     layer = len(runs[0].model.blocks) // 2 if args.layer is None else args.layer
     check_comparable(runs, layer, args.head)               # before any computation
-    first, hw = runs[0].args, runs[0].model.hw
-    probe = bool(vars(first).get("probe"))
-    try:
-        data = run_data(first, args.data_dir)
-    except UserError as e:
-        raise UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
-    img, label = held_out_image(data, args.index, first.dataset)
+    img, label, source = held_out(runs[0].args, args.data_dir, args.index)
     x0, y = img[None], torch.tensor([label])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     views = [look(run, t, x0, y, noise) for run in runs for t in args.t]
-    explorer = [explorer_model(views[i].label, [v.layers for v in views[i:i + len(args.t)]], hw, probe=probe)
-                for i in range(0, len(views), len(args.t))]
+    print(f"{len(runs)} checkpoint(s), layer {layer}, t = {args.t}, on {source}")
+    hw, probe = runs[0].model.hw, bool(vars(runs[0].args).get("probe"))
     images = [noised(runs[0].objective, x0, t, noise)[0][0] for t in args.t]   # the first run's objective noises it
+    explorer = [explorer_model(views[i].label, [v.layers for v in views[i:i + len(args.t)]], hw, probe=probe)
+                for i in range(0, len(views), len(args.t))]        # a model per run, its layers at every t
     explorer_page(out / "explorer.html", images, args.t, layer, args.head, explorer, hw, probe=probe)
-    print(f"{len(runs)} checkpoint(s), layer {layer}, t = {args.t}, on {first.dataset} validation image {args.index} "
-          f"({data.classes[label]})")
-    patch, queries = first.image_size // hw[0], scaled_queries(hw, PROBE_QUERIES if probe else QUERIES)
+    return [*trained_figures(out, views, img, hw, layer, args.head, probe), "explorer.html"]
+
+
+def held_out(run_args, data_dir, index):
+    """(image (c, S, S) in [-1, 1], its label, its name): held-out image `index` of a run's data."""
+    try:
+        data = run_data(run_args, data_dir)
+    except UserError as e:
+        raise UserError(f"the checkpoints' dataset is needed for real samples: {e}") from None
+    img, label = held_out_image(data, index, run_args.dataset)
+    return img, label, f"{run_args.dataset} validation image {index} ({data.classes[label]})"
+
+
+def trained_figures(out, views, img, hw, layer, head, probe):
+    """The views' attention rows and smoothness at one layer, and their table (with the copy probe's
+    partner mass); DyDiLA's router maps and, per DyDiLA run, its parts. Returns the files' names."""
+    patch, queries = img.shape[-1] // hw[0], scaled_queries(hw, PROBE_QUERIES if probe else QUERIES)
     maps = [Rows(f"{v.label} t={v.t:g}", v.layers[layer].maps["attention"][None]) for v in views]
     title = f"trained, layer {layer}"
-    attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, args.head, title,
-                          mark_partners=probe)
+    attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, head, title, mark_partners=probe)
     smoothness_figure(out / "attention_smoothness.png", maps, title)
     print_table(maps, hw if probe else None)
     if probe:
         print_partner_mass(views, hw)
     dydila = [v for v in views if isinstance(v.inputs[layer][0], D.DyDiLA)]
     if not dydila:
-        return ["attention_maps.png", "attention_smoothness.png", "explorer.html"]
+        return ["attention_maps.png", "attention_smoothness.png"]
     router_figure(out / "router_maps.png", img, patch, [(f"{v.label} t={v.t:g}", *v.inputs[layer], hw) for v in dydila])
     parts = []
     for run in dict.fromkeys(v.run for v in dydila):       # one figure per DyDiLA run: its parts at each t
         rows = [Rows(f"t={v.t:g}: {part}", A[None]) for v in dydila if v.run == run
                 for part, A in parts_of(v.layers[layer].maps).items()]
-        attention_maps_figure(out / f"dydila_parts_{run}.png", img, patch, queries, rows, hw, args.head,
+        attention_maps_figure(out / f"dydila_parts_{run}.png", img, patch, queries, rows, hw, head,
                               f"{run}: DyDiLA's parts, layer {layer}")
         parts.append(f"dydila_parts_{run}.png")
-    return ["attention_maps.png", "attention_smoothness.png", "explorer.html", "router_maps.png", *parts]
+    return ["attention_maps.png", "attention_smoothness.png", "router_maps.png", *parts]
 
 
 def look(run, t, x0, y, noise):
@@ -387,6 +396,9 @@ def run(argv):
     out = Path(args.out_dir)
     if args.width % args.heads:
         raise UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    if args.width % 4:                                       # the tokens carry DiT's 2-D sin-cos position embedding
+        raise UserError(f"--width {args.width} must be a multiple of 4 (a quarter each for sin and cos of the "
+                        f"column and the row of the position embedding)")
     if not args.ckpt and args.head >= args.heads:
         raise UserError(f"--head {args.head} is out of range: the modules have heads 0..{args.heads - 1}")
     if not args.ckpt:                                        # the modules' weights and one head's N x N rows

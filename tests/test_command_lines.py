@@ -38,6 +38,7 @@ CASES = [
     ("train_tiny", ["--stpes", "3"], ["--stpes"]),
     ("visualize", ["--width", "0"], ["--width", "0"]),
     ("visualize", ["--heads", "0"], ["--heads", "0"]),
+    ("visualize", ["--width", "6", "--heads", "2"], ["--width 6", "4"]),
     ("visualize", ["--width", "1000000000", "--heads", "1"], ["width 1000000000", "--width"]),
     ("visualize", ["--index", "-1"], ["--index", "-1"]),
     ("visualize", ["--head", "-1"], ["--head", "-1"]),
