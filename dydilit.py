@@ -2,7 +2,7 @@
 DyDiLA and DyDi-LiT in one file: the attention, the diffusion transformer, the objectives.
 
 Paper: "Dynamic Differential Linear Attention: Enhancing Linear Diffusion Transformer for
-High-Quality Image Generation", Cao, Wang, Shan, Ye, Yao, Wei, arXiv 2601.13683 (2026).
+High-Quality Image Generation", Cao, Yao, Wang, Ye, Wei, Shan, arXiv 2601.13683 (2026).
 
 DyDiLA fixes the over-smoothed attention of linear attention with three designs:
   (i)   dynamic projection     Q'_i = X_i W_Q^{u_i},  u_i = argmax_u (X_i R_Q^P)_u           -> DynamicProjection

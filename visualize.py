@@ -30,8 +30,8 @@ import dydilit as D
 from training.attention import (ATTENTIONS, LABELS, layer_inputs, noised, partner_mass, partners, router_values,
                                 row_entropy, summarise, top_mass)
 from training.checkpoint import load_run
-from training.cli import (Parser, UserError, check_distinct, check_fits, check_writable, cli, noise_level, seed,
-                          whole)
+from training.cli import (Parser, UserError, check_distinct, check_fits, check_width_heads, check_writable, cli,
+                          noise_level, seed, whole)
 from training.data import (DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, held_out_image, load_cifar10, load_fashion_mnist,
                            make_synthetic, run_data)
 from training.explorer import explorer_model, explorer_page, layer_maps
@@ -394,8 +394,7 @@ def get_parser():
 def run(argv):
     args = get_parser().parse_args(argv)
     out = Path(args.out_dir)
-    if args.width % args.heads:
-        raise UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    check_width_heads(args.width, args.heads)
     if args.width % 4:                                       # the tokens carry DiT's 2-D sin-cos position embedding
         raise UserError(f"--width {args.width} must be a multiple of 4 (a quarter each for sin and cos of the "
                         f"column and the row of the position embedding)")

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project, one folder up
 import dydilit as D                                               # noqa: E402
 from training.attention import ATTENTIONS, LABELS                 # noqa: E402
-from training.cli import Parser, UserError, check_fits, check_writable, cli, whole   # noqa: E402
+from training.cli import Parser, UserError, check_fits, check_width_heads, check_writable, cli, whole   # noqa: E402
 from training.device import pick_device                           # noqa: E402
 from training.figures import pyplot, save_figure                  # noqa: E402
 from training.timing import measure, paired_ratio                 # noqa: E402
@@ -29,8 +29,6 @@ SIDES = (16, 32, 64, 128, 256, 512)                               # the token gr
 
 def scaling(args, out, max_tokens):
     device = pick_device()
-    if args.cuda_graphs and device.type != "cuda":
-        raise UserError("--cuda-graphs needs a CUDA GPU (it times CUDA-graph replays); drop it on this machine")
     if args.compile:                                            # each size and mechanism compiles its own graph
         torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
     mode = ", torch.compile" * args.compile + ", CUDA-graph replays" * args.cuda_graphs
@@ -131,8 +129,9 @@ def get_parser():
 def run(argv):
     args = get_parser().parse_args(argv)
     out = Path(args.out_dir)
-    if args.width % args.heads:
-        raise UserError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    check_width_heads(args.width, args.heads)
+    if args.cuda_graphs and not torch.cuda.is_available():
+        raise UserError("--cuda-graphs needs a CUDA GPU (it times CUDA-graph replays); drop it on this machine")
     max_tokens = args.max_tokens
     if max_tokens is None:
         max_tokens = 262_144 if torch.cuda.is_available() else 16_384

@@ -3,7 +3,8 @@ The command line and its errors, for train_tiny.py, visualize.py and every tool 
 errors (UserError; cli(), which every entry point goes through), a parser whose own errors are one
 line too (Parser), the values a flag takes (whole, real, seed, noise_level, name_of), and the checks
 of files, memory and several flags together (check_writable, check_image_format, check_distinct,
-check_fits; check_train_args and check_sample_args for train_tiny.py). All of it runs before any work.
+check_fits, check_width_heads; check_train_args and check_sample_args for train_tiny.py). All of it
+runs before any work.
 """
 
 import argparse
@@ -166,6 +167,12 @@ def check_distinct(paths, flag):
         if key in seen:
             raise UserError(f"{flag} names {path} twice (also as {seen[key]}): give each run once")
         seen[key] = path
+
+
+def check_width_heads(width, heads):
+    """One line unless --heads divides --width (an attention module splits its width into heads)."""
+    if width % heads:
+        raise UserError(f"--width {width} is not divisible by --heads {heads}: pick heads that divide the width")
 
 
 def check_sampler(sampler, objective, flag="--sampler"):
