@@ -19,6 +19,7 @@ equals its partner's, the token half the grid below or above it:
 
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,12 +30,12 @@ import torch.nn.functional as F
 import dydilit as D
 from training.attention import (ATTENTIONS, LABELS, layer_inputs, noised, partner_mass, partners, router_values,
                                 row_entropy, summarise, top_mass)
-from training.checkpoint import load_run
+from training.checkpoint import load_run, run_label
 from training.cli import (Parser, UserError, check_distinct, check_fits, check_width_heads, check_writable, cli,
-                          noise_level, seed, whole)
+                          noise_level, real, seed, whole)
 from training.data import (DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, held_out_image, load_cifar10, load_fashion_mnist,
                            make_synthetic, run_data)
-from training.explorer import explorer_model, explorer_page, layer_maps
+from training.explorer import explorer_model, explorer_page, layer_maps, parts_of, plan_page
 from training.figures import pyplot, save_figure
 
 QUERIES = ((3, 3), (8, 8), (4, 12), (12, 5))            # (row, col) on a 16 x 16 token grid; scaled to others
@@ -50,10 +51,11 @@ class Rows(NamedTuple):
 class View(NamedTuple):
     """What one trained run shows at one noise level t."""
     run: str                         # the run's folder name
-    label: str                       # "<attention> (<folder>)"
+    label: str                       # the model and the run: "DyDi-LiT — runs/dydi"
     t: float
-    layers: list                     # per layer: LayerMaps
     inputs: list                     # per layer: (attention module, its input (1, N, C))
+    figure: object                   # LayerMaps of the figures' layer
+    partner: object                  # copy-probe runs: partner mass (layers, heads), mean over the rows; else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -113,6 +115,11 @@ def show_image(ax, img, queries, patch, title):
     ax.axis("off")
 
 
+def wrapped(text, width):
+    """Long labels (a run's path) on several lines, so that a figure keeps its width."""
+    return "\n".join(textwrap.fill(line, width, break_on_hyphens=False) for line in text.split("\n"))
+
+
 def attention_maps_figure(path, img, patch, queries, rows, hw, head, title, mark_partners=False):
     """rows: Rows each. One figure row per label, one column per query; one colour scale per row.
     mark_partners: circle each query's copy-probe partner key."""
@@ -122,7 +129,7 @@ def attention_maps_figure(path, img, patch, queries, rows, hw, head, title, mark
                              layout="constrained")
     for i, (label, A) in enumerate(rows):
         show_image(axes[i, 0], img, queries, patch, "queries" if i == 0 else "")
-        axes[i, 0].text(-0.08, 0.5, label.replace(": ", "\n"), transform=axes[i, 0].transAxes, rotation=90,
+        axes[i, 0].text(-0.08, 0.5, wrapped(label.replace(": ", "\n"), 36), transform=axes[i, 0].transAxes, rotation=90,
                         va="center", ha="right", fontsize=10)
         maps = [A[0, head, r * hw[1] + c].reshape(hw).float() for r, c in queries]
         vmax = max(m.max().item() for m in maps)
@@ -163,7 +170,7 @@ def smoothness_figure(path, results, title):
             earlier = sum(1 for other in labels[:labels.index(label)] if other.split(" t=")[0] == group)
             dash = ["-", "--", ":", "-."][earlier % 4]
             ax.hist(c, bins=60, range=(lo, hi), density=True, histtype="step", lw=2, ls=dash,
-                    color=f"C{groups.index(group)}", label=f"{label}: mean {c.mean():.3f}")
+                    color=f"C{groups.index(group)}", label=f"{wrapped(label, 44)}: mean {c.mean():.3f}")
         ax.set_xlim(lo, hi)
         ax.set_title(heading, fontsize=10)
         ax.set_ylabel("density of rows")
@@ -205,7 +212,7 @@ def router_figure(path, img, patch, entries):
         for side, row in (("q", 2 * i), ("k", 2 * i + 1)):
             ax = axes[row, 0]
             if side == "q":
-                show_image(ax, img, [], patch, title)
+                show_image(ax, img, [], patch, wrapped(title, 34))
             else:
                 ax.axis("off")
             for j, (design, name) in enumerate(ROUTERS.items()):
@@ -245,16 +252,17 @@ def untrained(args, out):
     """The three attention variants, same width, same seed (so the same Q and K), on one image's tokens."""
     img, source = find_image(args.data_dir, args.index)
     x, hw = image_tokens(img, args.width, seed=args.seed)
-    results, modules, explorer = [], {}, []
+    modules = {}
+    for kind in ATTENTIONS:
+        torch.manual_seed(args.seed)                          # qkv is built first in each: identical Q, K, V weights
+        modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).eval()
     with torch.no_grad():
-        for kind in ATTENTIONS:
-            torch.manual_seed(args.seed)                      # qkv is built first in each: identical Q, K, V weights
-            modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).eval()
-            maps = layer_maps(modules[kind], x, hw)           # one t, one layer: the module
-            results.append(Rows(LABELS[kind], maps.maps["attention"][None]))
-            explorer.append(explorer_model(LABELS[kind], [[maps]], hw))
-    explorer_page(out / "explorer.html", [img], [None], 0, args.head, explorer, hw)
+        results = [Rows(LABELS[kind], layer_maps(modules[kind], x, hw).maps["attention"][None]) for kind in ATTENTIONS]
+    plan = plan_page([(1, args.heads, parts_of(m)) for m in modules.values()], 1, hw, 0, args.page_mb, args.page_bits)
+    explorer = [explorer_model(LABELS[kind], [[(modules[kind], x)]], hw, plan) for kind in ATTENTIONS]
+    explorer_page(out / "explorer.html", [img], [None], 0, args.head, explorer, hw, plan)
     print(f"untrained modules (width {args.width}, {args.heads} heads, seed {args.seed}) on {source}")
+    print(f"explorer.html: {plan.summary}")
     title = "untrained, same Q/K weights"
     attention_maps_figure(out / "attention_maps.png", img, 2, scaled_queries(hw), results, hw, args.head, title)
     smoothness_figure(out / "attention_smoothness.png", results, title)
@@ -271,13 +279,16 @@ def from_checkpoints(args, out):
     img, label, source = held_out(runs[0].args, args.data_dir, args.index)
     x0, y = img[None], torch.tensor([label])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
-    views = [look(run, t, x0, y, noise) for run in runs for t in args.t]
-    print(f"{len(runs)} checkpoint(s), layer {layer}, t = {args.t}, on {source}")
     hw, probe = runs[0].model.hw, bool(vars(runs[0].args).get("probe"))
-    images = [noised(runs[0].objective, x0, t, noise)[0][0] for t in args.t]   # the first run's objective noises it
-    explorer = [explorer_model(views[i].label, [v.layers for v in views[i:i + len(args.t)]], hw, probe=probe)
+    views = [look(run, t, x0, y, noise, layer, probe) for run in runs for t in args.t]
+    print(f"{len(runs)} checkpoint(s), layer {layer}, t = {args.t}, on {source}")
+    plan = plan_page([(len(r.model.blocks), r.model.blocks[0].attn.num_heads, parts_of(r.model.blocks[0].attn))
+                      for r in runs], len(args.t), hw, layer, args.page_mb, args.page_bits, probe)
+    explorer = [explorer_model(views[i].label, [v.inputs for v in views[i:i + len(args.t)]], hw, plan, probe=probe)
                 for i in range(0, len(views), len(args.t))]        # a model per run, its layers at every t
-    explorer_page(out / "explorer.html", images, args.t, layer, args.head, explorer, hw, probe=probe)
+    images = [noised(runs[0].objective, x0, t, noise)[0][0] for t in args.t]   # the first run's objective noises it
+    explorer_page(out / "explorer.html", images, args.t, layer, args.head, explorer, hw, plan, probe=probe)
+    print(f"explorer.html: {plan.summary}")
     return [*trained_figures(out, views, img, hw, layer, args.head, probe), "explorer.html"]
 
 
@@ -295,7 +306,7 @@ def trained_figures(out, views, img, hw, layer, head, probe):
     """The views' attention rows and smoothness at one layer, and their table (with the copy probe's
     partner mass); DyDiLA's router maps and, per DyDiLA run, its parts. Returns the files' names."""
     patch, queries = img.shape[-1] // hw[0], scaled_queries(hw, PROBE_QUERIES if probe else QUERIES)
-    maps = [Rows(f"{v.label} t={v.t:g}", v.layers[layer].maps["attention"][None]) for v in views]
+    maps = [Rows(f"{v.label} t={v.t:g}", v.figure.maps["attention"][None]) for v in views]
     title = f"trained, layer {layer}"
     attention_maps_figure(out / "attention_maps.png", img, patch, queries, maps, hw, head, title, mark_partners=probe)
     smoothness_figure(out / "attention_smoothness.png", maps, title)
@@ -309,22 +320,25 @@ def trained_figures(out, views, img, hw, layer, head, probe):
     parts = []
     for run in dict.fromkeys(v.run for v in dydila):       # one figure per DyDiLA run: its parts at each t
         rows = [Rows(f"t={v.t:g}: {part}", A[None]) for v in dydila if v.run == run
-                for part, A in parts_of(v.layers[layer].maps).items()]
+                for part, A in figure_parts(v.figure.maps).items()]
         attention_maps_figure(out / f"dydila_parts_{run}.png", img, patch, queries, rows, hw, head,
                               f"{run}: DyDiLA's parts, layer {layer}")
         parts.append(f"dydila_parts_{run}.png")
     return ["attention_maps.png", "attention_smoothness.png", "router_maps.png", *parts]
 
 
-def look(run, t, x0, y, noise):
-    """A View of run at noise level t: every layer's maps and inputs."""
-    inputs = layer_inputs(run.model, run.objective, x0, y, t, noise)
-    with torch.no_grad():
-        layers = [layer_maps(attn, x, run.model.hw) for attn, x in inputs]
-    return View(run.path.parent.name, f"{run.args.attn} ({run.path.parent.name})", t, layers, inputs)
+@torch.no_grad()
+def look(run, t, x0, y, noise, layer, probe):
+    """A View of run at noise level t: every layer's input, the figures' layer in full, and (copy-probe
+    runs) each layer's partner mass, one layer at a time."""
+    inputs, hw = layer_inputs(run.model, run.objective, x0, y, t, noise), run.model.hw
+    partner = torch.stack([partner_mass(attn.attention_matrix(x, hw)[0], partners(hw)).mean(-1)
+                           for attn, x in inputs]) if probe else None                  # (layers, heads)
+    return View(run.path.parent.name, f"{run_label(run.args)} — {run.path.parent}", t, inputs,
+                layer_maps(*inputs[layer], hw), partner)
 
 
-def parts_of(maps):
+def figure_parts(maps):
     """DyDiLA's parts in the order they are made: the kernels alone, the redundancy, the differential."""
     return {"base": maps["base"], **({"redundancy": maps["redundancy"]} if "redundancy" in maps else {}),
             "differential": maps["attention"]}
@@ -335,10 +349,9 @@ def print_partner_mass(views, hw):
     print(f"partner mass per layer, all heads and rows (uniform: 1/N = {1 / (hw[0] * hw[1]):.3f}; exact retrieval: "
           f"1), and of each layer's best head:")
     for v in views:
-        heads = torch.stack([partner_mass(m.maps["attention"], partners(hw)).mean(-1) for m in v.layers])   # (L, h)
-        layers = heads.mean(1)
+        layers = v.partner.mean(1)
         print(f"{v.label + f' t={v.t:g}':<34} " + " ".join(f"{m:.3f}" for m in layers) + f"   mean {layers.mean():.3f}"
-              "   best heads " + " ".join(f"{m:.3f}" for m in heads.amax(1)))
+              "   best heads " + " ".join(f"{m:.3f}" for m in v.partner.amax(1)))
 
 
 def check_comparable(runs, layer, head):
@@ -388,6 +401,12 @@ def get_parser():
                    "(default: the middle)")
     p.add_argument("--t", type=noise_level, nargs="+", default=[0.2, 0.5, 0.8], help="with --ckpt: noise levels t "
                    "in [0, 1] (1 = pure noise)")
+    p.add_argument("--page-mb", type=real(0, open_low=True), default=5, help="explorer.html's size budget: it stores, "
+                   "in this order, the mean of the heads at --layer (and DyDiLA's parts there), the mean at the other "
+                   "layers, each head at --layer, then the rest, as far as this many MB allow; it prints what it "
+                   "stored and left out")
+    p.add_argument("--page-bits", type=int, choices=(4, 8), default=4, help="bits per stored attention weight in "
+                   "explorer.html (of each row's maximum; the numbers shown are exact)")
     return p
 
 

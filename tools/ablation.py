@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project, one folder up
 from training.attention import layer_attention, partner_mass, partners, row_entropy   # noqa: E402
-from training.checkpoint import default_sampler, load_run                    # noqa: E402
+from training.checkpoint import default_sampler, load_run, run_label         # noqa: E402
 from training.cli import (Parser, UserError, check_distinct, check_writable, cli, noise_level, seed,   # noqa: E402
                           whole)
 from training.data import held_out_image, run_data                           # noqa: E402
@@ -31,17 +31,7 @@ from training.quality import SampleQuality, describe, load_inception         # n
 
 
 SHARED = ("model", "dataset", "probe", "image_size", "objective", "ddpm_schedule")   # what a table's runs all share
-
-
-def run_label(a):
-    """The ablation row a train_tiny run belongs to: its attention and DyDiLA's switches (the runs'
-    seeds share a row; everything else is SHARED by every run of a table)."""
-    if a.attn != "dydila":
-        return {"softmax": "DiT (softmax)", "linear": "LiT (linear)"}[a.attn]
-    off = [name for name, flag in (("dynamic projection", a.no_dynamic_projection),
-                                   ("dynamic kernel", a.no_dynamic_kernel),
-                                   ("token differential", a.no_token_differential)) if flag]
-    return "DyDi-LiT" + ("".join(f", no {name}" for name in off))
+# a row of the table: the runs of one model (training.checkpoint.run_label), its seeds
 
 
 def ablation(args, out, runs):

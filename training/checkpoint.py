@@ -70,6 +70,17 @@ def default_sampler(objective):
     return "euler" if objective == "flow" else "ddim"
 
 
+def run_label(args):
+    """A run's model in words, from its spec: DiT (softmax), LiT (linear), DyDi-LiT (with the
+    DyDiLA designs it was trained without)."""
+    if args.attn != "dydila":
+        return {"softmax": "DiT (softmax)", "linear": "LiT (linear)"}[args.attn]
+    off = [name for name, flag in (("dynamic projection", args.no_dynamic_projection),
+                                   ("dynamic kernel", args.no_dynamic_kernel),
+                                   ("token differential", args.no_token_differential)) if flag]
+    return "DyDi-LiT" + "".join(f", no {name}" for name in off)
+
+
 def save_checkpoint(path, model, ema, opt, step, spec, classes, args=None):
     """Plain types only (loadable with weights_only=True): the raw modules' weights, the optimizer,
     the step, the spec (run_spec), the class names, the random state, and a run's other arguments
@@ -92,7 +103,7 @@ def load_checkpoint(path):
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # read only what is used
     except Exception as e:                              # cut, corrupt, not a torch file, or pickled objects
         raise UserError(f"cannot load checkpoint {path} ({e.__class__.__name__}): the file is cut, corrupt or not "
                         f"a checkpoint; {CHECKPOINT_HOLDS}") from None
