@@ -439,10 +439,228 @@ class DyDiLA(LinearAttention):
 
 
 # ----------------------------------------------------------------------------------------
+# 4b. Readings: DyDiLA where the paper is read otherwise, as the one public re-implementation
+#     ([C]; README, "Where this implementation interprets the paper") reads it
+# ----------------------------------------------------------------------------------------
+
+# What each reading changes of DyDiLA above ("ours"). "c" changes all three: DyDiLA as [C] reads it.
+# "banks-lr" is DyDiLA itself, its exponent and lambda banks (bank_parameters) trained at a higher rate.
+READINGS = {"ours": (),
+            "c-init": ("init",),                    # every exponent 3.0, every lambda 0.01 (README items 3, 7)
+            "c-routing": ("routing",),              # per token per head, straight-through weights (items 2, 4, 7)
+            "c-output": ("output",),                # the signed difference, no normaliser, d^-1/2 (item 8)
+            "c": ("init", "routing", "output"),
+            "banks-lr": ()}
+
+
+def straight_through(logits):
+    """[C]'s router weights: one-hot of the argmax forward, the softmax's gradient backward.
+    (..., n) logits -> weights (..., n), choice (...)."""
+    p = logits.softmax(dim=-1)
+    c = p.argmax(dim=-1)
+    return F.one_hot(c, p.shape[-1]).to(p.dtype) + p - p.detach(), c
+
+
+class HeadKernel(nn.Module):
+    """[C]'s dynamic measure kernel: a bank of n_K exponents of its own (one per stream Q, K, Q', K'),
+    clamped at 1, one chosen per token **and head** by a router reading the detached head features:
+
+        g_ih = sum_c w_ihc G_c,   w_ih = straight_through(t_ih R + b),   phi(t_ih) = phi_{g_ih}(t_ih)
+    """
+
+    def __init__(self, head_dim, exponents):
+        super().__init__()
+        self.bank = nn.Parameter(exponents.clone())             # G  (n_K,)
+        self.router = nn.Linear(head_dim, len(exponents))       # R, b
+
+    @property
+    def exponents(self):
+        return self.bank.clamp(min=1)
+
+    def forward(self, t):
+        """t (B, h, N, d) float32 -> phi_{g_ih}(t_ih) (B, h, N, d), choice (B, h, N)."""
+        with _no_autocast(t):
+            w, c = straight_through(self.router(t.detach()))    # (B, h, N, n_K)
+        return focused_kernel(t, (w * self.exponents).sum(-1, keepdim=True)), c   # g_ih  (B, h, N, 1)
+
+
+class SharedLambda(nn.Module):
+    """[C]'s lambdas: **one** bank of n_D values for the query and the key side, chosen per token and
+    head by a router per side reading the detached [phi(z_ih), phi(z'_ih)]:
+
+        lambda^Q_ih = sum_c w_ihc Lambda_c,   w_ih = straight_through([phi(q_ih), phi(q'_ih)] R_Q + b_Q)
+    """
+
+    def __init__(self, head_dim, lambdas):
+        super().__init__()
+        self.bank = nn.Parameter(lambdas.clone())               # Lambda  (n_D,), unconstrained
+        self.router_q = nn.Linear(2 * head_dim, len(lambdas))   # R_Q, b_Q
+        self.router_k = nn.Linear(2 * head_dim, len(lambdas))   # R_K, b_K
+
+    lambda_q = lambda_k = property(lambda self: self.bank)     # both sides read the one bank
+
+    def choose(self, router, phi, phi_r):
+        """lambda per token and head (B, h, N, 1), choice (B, h, N)."""
+        with _no_autocast(phi):
+            w, c = straight_through(router(torch.cat([phi, phi_r], dim=-1).detach()))   # (B, h, N, n_D)
+        return (w * self.bank).sum(-1, keepdim=True), c
+
+
+class WeightedProjection(DynamicProjection):
+    """[C]'s dynamic projection: the same projectors and router, straight-through weights on the
+    projections instead of a gate on the chosen one: X'_i = sum_u w_iu X_i W^u."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        with _no_autocast(x):
+            w, _ = straight_through(F.linear(_fp32(x), _fp32(self.router.weight)))      # (B, N, n_P)
+        every = F.linear(x, torch.cat([W.weight for W in self.projectors])).view(B, N, -1, C)   # (B, N, n_P, C)
+        return (every * w[..., None].to(every.dtype)).sum(2)   # forward: X_i W^{u_i}  (B, N, C)
+
+
+def signed_attention(q, k, v):
+    """[C]'s output: O = Q~ (K~^T V) d^-1/2, no normaliser, in O(N d^2) and float32 (q, k signed)."""
+    with _no_autocast(q):
+        kv = torch.einsum("bhnd,bhne->bhde", _fp32(k), _fp32(v))   # sum_j k~_j v_j^T  (B, h, d, d)
+        return (torch.einsum("bhnd,bhde->bhne", _fp32(q), kv) * q.shape[-1] ** -0.5).to(v.dtype)
+
+
+class DyDiLAReading(DyDiLA):
+    """DyDiLA under another reading (READINGS) of what the paper leaves open:
+
+        (i)   q'_i = X_i W_Q^{u_i}                      "routing": the projections weighed (WeightedProjection)
+        (ii)  phi(q_ih) = phi_{g_ih}(q_ih)              "routing": per token and head, a bank per stream (HeadKernel)
+        (iii) q~_ih = phi(q_ih) - lambda_ih phi(q'_ih)  "routing": one lambda bank (SharedLambda); relu'd unless "output"
+        O_i = q~_i^T (sum_j k~_j v_j^T) / (q~_i^T sum_j k~_j + eps) + DWC(V)_i
+                                                        "output": O_i = q~_i^T (sum_j k~_j v_j^T) d^-1/2 + DWC(V)_i
+
+    "init" starts every exponent at 3.0 and every lambda at 0.01. The three designs are always on.
+    """
+
+    def __init__(self, dim, num_heads, reading="c", num_projectors=3, num_kernels=9, num_lambdas=9,
+                 dwc_kernel_size=5, eps=1e-6):
+        if reading not in READINGS:
+            raise ValueError(f"unknown reading {reading!r}: choose one of {', '.join(READINGS)}")
+        super().__init__(dim, num_heads, num_projectors, num_kernels, num_lambdas, dwc_kernel_size=dwc_kernel_size,
+                         eps=eps)
+        self.reading, changes = reading, READINGS[reading]
+        self.per_head, self.signed = "routing" in changes, "output" in changes
+        d = dim // num_heads
+        # [C]: every exponent starts at 3.0 ("per FLatten"), every lambda at 0.01
+        g0 = torch.full((num_kernels,), 3.0) if "init" in changes else self.kernel_q.exponents.detach().clone()
+        lam0 = torch.full((num_lambdas,), 0.01) if "init" in changes else self.differential.lambda_q.detach().clone()
+        if self.per_head:                                       # [C]'s routing: banks and routers of its own
+            self.redundancy_q = WeightedProjection(dim, num_projectors)   # (i)  Q' = sum_u w_u X W_Q^u
+            self.redundancy_k = WeightedProjection(dim, num_projectors)   #      K'
+            # (ii) four kernels, each its own bank; (iii) one lambda bank for both sides
+            self.kernel_q, self.kernel_k, self.kernel_q_r, self.kernel_k_r = (HeadKernel(d, g0) for _ in range(4))
+            self.differential = SharedLambda(d, lam0)
+        elif "init" in changes:
+            with torch.no_grad():
+                for kernel in (self.kernel_q, self.kernel_k):
+                    kernel.theta.copy_(torch.log(torch.expm1(g0 - 1)))   # 1 + softplus(theta) = 3.0
+                self.differential.lambda_q.fill_(0.01)
+                self.differential.lambda_k.fill_(0.01)
+
+    def features(self, x, parts=False):
+        """q~, k~ (float32; signed with "output") and V, each (B, h, N, d)."""
+        h = self.num_heads
+        q, k, v = _qkv_heads(self.qkv, x, h)                    # Q, K, V = X W^0      3 x (B, h, N, d)
+        q_r = _split_heads(self.redundancy_q(x), h)             # (i) Q'               (B, h, N, d)
+        k_r = _split_heads(self.redundancy_k(x), h)             #     K'
+        if self.per_head:
+            (phi_q, _), (phi_k, _) = self.kernel_q(_fp32(q)), self.kernel_k(_fp32(k))          # (ii) per head
+            (phi_q_r, _), (phi_k_r, _) = self.kernel_q_r(_fp32(q_r)), self.kernel_k_r(_fp32(k_r))
+            lam_q = self.differential.choose(self.differential.router_q, phi_q, phi_q_r)[0]    # (B, h, N, 1)
+            lam_k = self.differential.choose(self.differential.router_k, phi_k, phi_k_r)[0]
+        else:
+            phi_q, phi_q_r = self.kernel_q(x, q, q_r)           # (ii) as DyDiLA
+            phi_k, phi_k_r = self.kernel_k(x, k, k_r)
+            lam_q = TokenDifferential.choose(self.differential.lambda_q, self.differential.router_q, x)
+            lam_k = TokenDifferential.choose(self.differential.lambda_k, self.differential.router_k, x)
+        q_t, k_t = phi_q - lam_q * phi_q_r, phi_k - lam_k * phi_k_r   # (iii) differential
+        if not self.signed:
+            q_t, k_t = F.relu(q_t), F.relu(k_t)
+        if parts:
+            return q_t, k_t, v, dict(phi_q=phi_q, phi_k=phi_k, phi_q_r=phi_q_r, phi_k_r=phi_k_r)
+        return q_t, k_t, v
+
+    def forward(self, x, hw):
+        if not self.signed:
+            return super().forward(x, hw)
+        _check_tokens(x, hw, self.dim)
+        q, k, v = self.features(x)                              # (B, h, N, d) each, q~ and k~ signed
+        return self.proj(_merge_heads(signed_attention(q, k, v) + self.local(v, hw)))   # (B, N, C)
+
+    def attention_matrix(self, x, hw):
+        """The weights forward applies to V: (B, h, N, N); signed and unnormalised with "output"."""
+        if not self.signed:
+            return super().attention_matrix(x, hw)
+        _check_tokens(x, hw, self.dim)
+        q, k, _ = self.features(x)
+        with _no_autocast(q):
+            return _fp32(q) @ _fp32(k).transpose(-2, -1) * q.shape[-1] ** -0.5   # Q~ K~^T d^-1/2
+
+    def attention_parts(self, x, hw):
+        maps = super().attention_parts(x, hw)
+        if self.signed:
+            maps["differential"] = self.attention_matrix(x, hw)
+        return maps
+
+    @torch.no_grad()
+    def routing(self, x):
+        """As DyDiLA.routing; with "routing" the kernel and lambda choices are per head, (B, h, N),
+        and the redundancies' kernels have routers of their own ("kernel_q_r", "kernel_k_r")."""
+        if not self.per_head:
+            return super().routing(x)
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}")
+        h = self.num_heads
+        q, k, _ = _qkv_heads(self.qkv, x, h)
+        q_r, k_r = _split_heads(self.redundancy_q(x), h), _split_heads(self.redundancy_k(x), h)
+        out = {"proj_q": self.redundancy_q.router(x)[0], "proj_k": self.redundancy_k.router(x)[0]}
+        phi = {}
+        for name, kernel, t in (("q", self.kernel_q, q), ("k", self.kernel_k, k), ("q_r", self.kernel_q_r, q_r),
+                                ("k_r", self.kernel_k_r, k_r)):
+            phi[name], out[f"kernel_{name}"] = kernel(_fp32(t))
+        out["lambda_q"] = self.differential.choose(self.differential.router_q, phi["q"], phi["q_r"])[1]
+        out["lambda_k"] = self.differential.choose(self.differential.router_k, phi["k"], phi["k_r"])[1]
+        return out
+
+
+BANK_LR = 10                    # "banks-lr": the banks' learning rate over the model's (docs/BENCHMARKS.md: how picked)
+
+
+def bank_parameters(module):
+    """The exponent and lambda banks of every DyDiLA in module (for "banks-lr": a higher learning rate)."""
+    return [p for name, p in module.named_parameters() if name.rsplit(".", 1)[-1] in ("theta", "lambda_q", "lambda_k",
+                                                                                        "bank")]
+
+
+def optimizer_groups(module, reading="ours"):
+    """The optimiser's parameter groups, each with its "lr_scale" (the learning rate is lr x lr_scale):
+    one group, or with reading "banks-lr" the banks (bank_parameters) at BANK_LR x the rest's rate."""
+    banks = bank_parameters(module) if reading == "banks-lr" else []
+    rest = [p for p in module.parameters() if all(p is not b for b in banks)]
+    return [{"params": rest, "lr_scale": 1.0}] + ([{"params": banks, "lr_scale": float(BANK_LR)}] if banks else [])
+
+
+# ----------------------------------------------------------------------------------------
 # 5. DyDi-LiT: the DiT backbone with a swappable attention (DiT, Peebles & Xie 2023)
 # ----------------------------------------------------------------------------------------
 
 ATTENTIONS = {"softmax": SoftmaxAttention, "linear": LinearAttention, "dydila": DyDiLA}
+
+
+def make_attention(attn, dim, num_heads, reading="ours", **kwargs):
+    """An attention of ATTENTIONS by name; DyDiLA under a reading of READINGS ("ours", "banks-lr": DyDiLA)."""
+    if reading not in READINGS:
+        raise ValueError(f"unknown reading {reading!r}: choose one of {', '.join(READINGS)}")
+    if not READINGS[reading]:
+        return ATTENTIONS[attn](dim, num_heads, **kwargs)
+    if attn != "dydila":
+        raise ValueError(f"reading {reading!r} is a reading of DyDiLA, not of {attn} attention")
+    return DyDiLAReading(dim, num_heads, reading, **kwargs)
 
 
 def sincos_pos_embed(dim, H, W):
@@ -483,7 +701,7 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio, attn, attn_kwargs):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = ATTENTIONS[attn](hidden_size, num_heads, **attn_kwargs)
+        self.attn = make_attention(attn, hidden_size, num_heads, **attn_kwargs)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden_size))

@@ -227,6 +227,112 @@ def test_every_router_exponent_and_lambda_learns_in_a_short_run():
         assert W.weight.grad.abs().max() > 0
 
 
+# ---------------------------------------------------------------------------------------
+# Readings: DyDiLA where the paper is read otherwise ([C]'s initial values, routing, output)
+# ---------------------------------------------------------------------------------------
+
+def make_reading(reading, C=32, heads=4, seed=0):
+    torch.manual_seed(seed)
+    return D.make_attention("dydila", C, heads, reading=reading).double()
+
+
+@pytest.mark.parametrize("reading", ["c-init", "c-routing"])
+def test_a_normalised_reading_applies_its_explicit_weights(reading):
+    m, x = make_reading(reading), tokens()
+    torch.testing.assert_close(m(x, HW), explicit_forward(m, x, HW), rtol=1e-6, atol=1e-6)
+    A = m.attention_matrix(x, HW)
+    rows = A.sum(-1)                                            # s / (s + eps): distributions, short by eps / s
+    assert (A >= 0).all() and (rows <= 1).all() and ((rows - 1).abs() < 1e-3).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("reading", ["c-output", "c"])
+def test_a_signed_reading_is_its_direct_quadratic_product(reading):
+    m, x = make_reading(reading), tokens()
+    q_t, k_t, v = m.features(x)                                 # (B, h, N, d), signed
+    assert (q_t < 0).any() and (k_t < 0).any()                  # no outer relu
+    A = q_t @ k_t.transpose(-2, -1) * (32 // 4) ** -0.5         # Q~ K~^T d^-1/2, O(N^2), no normaliser
+    torch.testing.assert_close(m.attention_matrix(x, HW), A)
+    torch.testing.assert_close(m(x, HW), explicit_forward(m, x, HW), rtol=1e-6, atol=1e-6)   # (Q~ K~^T V) d^-1/2 + DWC
+
+
+@pytest.mark.parametrize("reading", ["ours", "banks-lr"])
+def test_the_readings_of_ours_are_dydila_itself(reading):
+    m = make_reading(reading)
+    assert type(m) is D.DyDiLA
+    torch.testing.assert_close(m(tokens(), HW), make_attention("dydila")(tokens(), HW))
+
+
+@pytest.mark.parametrize("reading", ["c-init", "c"])
+def test_cs_initial_values_are_every_exponent_3_and_every_lambda_001(reading):
+    m = make_reading(reading)
+    for bank in (m.kernel_q.exponents, m.kernel_k.exponents):
+        torch.testing.assert_close(bank, torch.full((9,), 3.0, dtype=torch.float64))
+    for bank in (m.differential.lambda_q, m.differential.lambda_k):
+        torch.testing.assert_close(bank, torch.full((9,), 0.01, dtype=torch.float64))
+
+
+def test_cs_routing_chooses_per_token_and_head_and_each_follows_the_equations():
+    m, x = make_reading("c-routing", seed=3), tokens(seed=4)
+    r = m.routing(x)
+    assert r["proj_q"].shape == (2, N) and all(r[k].shape == (2, 4, N) for k in r if not k.startswith("proj"))
+    h, d = 4, 8
+    q_feat, k_feat, _ = m.features(x)
+    assert m.differential.lambda_q is m.differential.lambda_k   # one lambda bank for both sides
+    for side, feat, W0, b0 in (("q", q_feat, m.qkv.weight[:32], m.qkv.bias[:32]),
+                               ("k", k_feat, m.qkv.weight[32:64], m.qkv.bias[32:64])):
+        proj = getattr(m, f"redundancy_{side}")
+        kern, kern_r = getattr(m, f"kernel_{side}"), getattr(m, f"kernel_{side}_r")
+        lam_router = getattr(m.differential, f"router_{side}")
+        for b, i in itertools.product(range(2), range(0, N, 7)):
+            xi = x[b, i]
+            t = (W0 @ xi + b0).view(h, d)                       # q_ih, per head
+            t_r = (proj.projectors[r[f"proj_{side}"][b, i]].weight @ xi).view(h, d)   # q'_ih = X_i W^{u_i}
+            c, c_r = kern.router(t).argmax(-1), kern_r.router(t_r).argmax(-1)          # per head, on head features
+            assert torch.equal(c, r[f"kernel_{side}"][b, :, i]) and torch.equal(c_r, r[f"kernel_{side}_r"][b, :, i])
+            phi = torch.stack([plain_focused_kernel(t[j], kern.exponents[c[j]]) for j in range(h)])
+            phi_r = torch.stack([plain_focused_kernel(t_r[j], kern_r.exponents[c_r[j]]) for j in range(h)])
+            l = lam_router(torch.cat([phi, phi_r], -1)).argmax(-1)                      # on [phi(z), phi(z')]
+            assert torch.equal(l, r[f"lambda_{side}"][b, :, i])
+            want = F.relu(phi - m.differential.bank[l][:, None] * phi_r)
+            torch.testing.assert_close(feat[b, :, i], want, msg=f"{side} token {b},{i}")
+
+
+def test_every_router_and_bank_of_cs_reading_learns():
+    torch.manual_seed(0)
+    m = D.make_attention("dydila", 32, 4, reading="c")
+    x, target = torch.randn(8, N, 32), torch.randn(8, N, 32)
+    touched = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        ((m(x, HW) - target) ** 2).mean().backward()
+        for n, p in m.named_parameters():
+            touched[n] += p.grad.abs()
+        opt.step()
+    learned = [n for n in touched if "router" in n or "bank" in n]
+    assert len(learned) == 2 + 2 * 4 + 1 + 4 + 2 * 2            # 2 projector routers; 4 kernels (router w, b; bank)...
+    for n in learned:
+        assert touched[n].sum() > 0, f"{n} got no gradient in 5 steps"
+    assert {id(p) for p in D.bank_parameters(m)} == {id(m.get_parameter(n)) for n in learned if n.endswith("bank")}
+
+
+def test_banks_lr_puts_exactly_the_banks_in_a_faster_group():
+    m = make_reading("banks-lr")
+    plain, banks = D.optimizer_groups(m, "banks-lr")
+    assert (plain["lr_scale"], banks["lr_scale"]) == (1.0, D.BANK_LR) and D.BANK_LR > 1
+    names = {n for n, p in m.named_parameters() if any(p is b for b in banks["params"])}
+    assert names == {"kernel_q.theta", "kernel_k.theta", "differential.lambda_q", "differential.lambda_k"}
+    assert len(plain["params"]) + len(banks["params"]) == len(list(m.parameters()))
+    assert len(D.optimizer_groups(m)) == 1                       # any other reading: one group
+
+
+def test_a_reading_is_refused_by_name_and_for_other_attentions():
+    with pytest.raises(ValueError, match="unknown reading 'x'"):
+        D.make_attention("dydila", 32, 4, reading="x")
+    with pytest.raises(ValueError, match="reading 'c' is a reading of DyDiLA, not of linear"):
+        D.make_attention("linear", 32, 4, reading="c")
+
+
 @pytest.mark.slow
 def test_dydila_compiles_as_one_graph_with_the_same_values_and_gradients():
     # fullgraph=True raises on a graph break; aot_eager traces forward and backward without code generation

@@ -63,7 +63,8 @@ def train(args):
         raw = build_model(spec).to(device)                # checkpoints hold the raw module, never a wrapper
         ema = build_model(spec).to(device).eval().requires_grad_(False)
         # fused: the whole update in one multi-tensor kernel (CPU and CUDA)
-        opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
+        opt = torch.optim.AdamW(D.optimizer_groups(raw, args.reading), lr=args.lr, weight_decay=0,
+                                fused=device.type in ("cpu", "cuda"))
         log = JsonLog(out / "log.jsonl", enabled=main)
         step = 0
         if args.resume:
@@ -103,7 +104,7 @@ def train(args):
             while step < args.steps and not stop.agree(device):
                 lr = get_lr(step, args.lr, args.warmup)
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_scale"]         # "banks-lr": the banks faster
                 x0, y = batches.get(step)
                 stats = D.training_step(model, objective, opt, x0, y, grad_clip=args.grad_clip, amp_dtype=amp_dtype)
                 # choice (README item 15): the EMA decay ramps up as (1 + step) / (10 + step) until --ema-decay
@@ -185,6 +186,9 @@ def get_parser():
     g.add_argument("--no-dynamic-kernel", action="store_true", help="DyDiLA ablation: the plain ReLU kernel for every "
                    "token")
     g.add_argument("--no-token-differential", action="store_true", help="DyDiLA ablation: no redundancy subtracted")
+    g.add_argument("--reading", default="ours", choices=list(D.READINGS), help="DyDiLA where the paper is read "
+                   "otherwise (dydilit.READINGS): [C]'s initial values (c-init), routing (c-routing), output "
+                   f"(c-output), all three (c); banks-lr: the exponent and lambda banks at {D.BANK_LR} x --lr")
     # choice (README item 14): rectified flow by default
     g.add_argument("--objective", default="flow", choices=["flow", "ddpm"], help="rectified flow or DDPM (epsilon)")
     g.add_argument("--ddpm-schedule", default="linear", choices=["linear", "cosine"], help="DDPM noise schedule")

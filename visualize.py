@@ -197,12 +197,12 @@ def print_table(results, probe_hw=None):
 ROUTERS = {"proj": "projector", "kernel": "exponent g", "lambda": "λ"}   # the three designs' routers, per side
 
 
-def router_figure(path, img, patch, entries):
+def router_figure(path, img, patch, entries, head=0):
     """entries: list of (title, DyDiLA module, its input tokens x (1, N, C), hw). Per entry two rows
     (queries, keys) of each router's choice per token on the token grid: the projector (one
     colour each), the chosen exponent g and the chosen lambda (a colour scale over the bank's
-    values). A static design's panel says so. Prints a warning for a collapsed router (> 95% of
-    the tokens on one choice)."""
+    values); routers that choose per head ([C]'s routing) at head `head`. A static design's panel
+    says so. Prints a warning for a collapsed router (> 95% of the tokens on one choice)."""
     plt = pyplot()
     from matplotlib.colors import BoundaryNorm, ListedColormap
     fig, axes = plt.subplots(2 * len(entries), 1 + len(ROUTERS), squeeze=False, layout="constrained",
@@ -222,7 +222,8 @@ def router_figure(path, img, patch, entries):
                 if key not in routing:
                     ax.set_title(f"{heading}\n(static: no router)", fontsize=10)
                     continue
-                choice = routing[key][0]                                # (N,)
+                choice = routing[key][0]                                # (N,); per head ([C]'s routing): (h, N)
+                choice = choice[head] if choice.dim() == 2 else choice
                 share = torch.bincount(choice, minlength=len(values[key])).max().item() / choice.numel()
                 if share > 0.95:
                     print(f"warning: {title}: router '{key}' sends {100 * share:.0f}% of tokens to one choice "
@@ -255,11 +256,13 @@ def untrained(args, out):
     modules = {}
     for kind in ATTENTIONS:
         torch.manual_seed(args.seed)                          # qkv is built first in each: identical Q, K, V weights
-        modules[kind] = D.ATTENTIONS[kind](args.width, args.heads).eval()
+        modules[kind] = D.make_attention(kind, args.width, args.heads, reading=args.reading if kind == "dydila"
+                                         else "ours").eval()
+    labels = {**LABELS, **({"dydila": f"DyDiLA, reading {args.reading}"} if args.reading != "ours" else {})}
     with torch.no_grad():
-        results = [Rows(LABELS[kind], layer_maps(modules[kind], x, hw).maps["attention"][None]) for kind in ATTENTIONS]
+        results = [Rows(labels[kind], layer_maps(modules[kind], x, hw).maps["attention"][None]) for kind in ATTENTIONS]
     plan = plan_page([(1, args.heads, parts_of(m)) for m in modules.values()], 1, hw, 0, args.page_mb, args.page_bits)
-    explorer = [explorer_model(LABELS[kind], [[(modules[kind], x)]], hw, plan) for kind in ATTENTIONS]
+    explorer = [explorer_model(labels[kind], [[(modules[kind], x)]], hw, plan) for kind in ATTENTIONS]
     explorer_page(out / "explorer.html", [img], [None], 0, args.head, explorer, hw, plan)
     print(f"untrained modules (width {args.width}, {args.heads} heads, seed {args.seed}) on {source}")
     print(f"explorer.html: {plan.summary}")
@@ -267,7 +270,7 @@ def untrained(args, out):
     attention_maps_figure(out / "attention_maps.png", img, 2, scaled_queries(hw), results, hw, args.head, title)
     smoothness_figure(out / "attention_smoothness.png", results, title)
     print_table(results)
-    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", modules["dydila"], x, hw)])
+    router_figure(out / "router_maps.png", img, 2, [("untrained DyDiLA", modules["dydila"], x, hw)], args.head)
     return ["attention_maps.png", "attention_smoothness.png", "router_maps.png", "explorer.html"]
 
 
@@ -316,7 +319,8 @@ def trained_figures(out, views, img, hw, layer, head, probe):
     dydila = [v for v in views if isinstance(v.inputs[layer][0], D.DyDiLA)]
     if not dydila:
         return ["attention_maps.png", "attention_smoothness.png"]
-    router_figure(out / "router_maps.png", img, patch, [(f"{v.label} t={v.t:g}", *v.inputs[layer], hw) for v in dydila])
+    router_figure(out / "router_maps.png", img, patch, [(f"{v.label} t={v.t:g}", *v.inputs[layer], hw) for v in dydila],
+                  head)
     parts = []
     for run in dict.fromkeys(v.run for v in dydila):       # one figure per DyDiLA run: its parts at each t
         rows = [Rows(f"t={v.t:g}: {part}", A[None]) for v in dydila if v.run == run
@@ -395,6 +399,9 @@ def get_parser():
     p.add_argument("--width", type=whole(1), default=192, help="channels of the untrained modules")
     p.add_argument("--heads", type=whole(1), default=3, help="heads of the untrained modules")
     p.add_argument("--seed", type=seed, default=0, help="seed of the untrained modules and of the noise")
+    p.add_argument("--reading", default="ours", choices=list(D.READINGS), help="the untrained DyDiLA under another "
+                   "reading of the paper (dydilit.READINGS; --ckpt runs keep their own): [C]'s c-init, c-routing, "
+                   "c-output, or c, all three; signed rows (c-output, c) are measured and drawn by magnitude")
     p.add_argument("--ckpt", nargs="+", default=None, metavar="CKPT", help="train_tiny.py checkpoints to visualise "
                    "instead")
     p.add_argument("--layer", type=whole(0), default=None, help="with --ckpt: the block whose attention is shown "

@@ -160,6 +160,15 @@ def test_a_library_checkpoint_loads_with_its_spec(tmp_path):
     assert isinstance(run.objective, D.FlowMatching) and run.model.hw == (4, 4)
 
 
+def test_a_checkpoint_from_before_the_readings_loads_as_dydila_itself(tmp_path):
+    path = library_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["spec"]["reading"]                                  # written before specs named a reading
+    torch.save(ckpt, path)
+    run = load_run(path)
+    assert run.args.reading == "ours" and type(run.model.blocks[0].attn) is D.DyDiLA
+
+
 def test_a_library_checkpoint_samples(tmp_path):
     plain = library_checkpoint(tmp_path / "plain.pt")
     assert T.main(["--sample-from", plain, "--grid", "g.png", "--sample-steps", "1"]) == 0

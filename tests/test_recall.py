@@ -89,6 +89,27 @@ def test_every_variant_is_a_name_typed_without_quotes():
     assert R.get_parser().parse_args(["--attn", "dydila-no-dynamic-kernel"]).attn == "dydila-no-dynamic-kernel"
 
 
+def test_the_reference_that_grows_the_state_has_distributions_and_a_larger_state():
+    m = R.TaylorAttention(64, 2)
+    x = torch.randn(2, 16, 64)
+    q, k, _ = m.features(x)
+    assert q.shape == (2, 2, 16, 1 + 32 + 32 * 32)                             # (1 + d + d^2) features per head
+    A = m.attention_matrix(x, (4, 4))
+    assert (A > 0).all() and torch.allclose(A.sum(-1), torch.ones(2, 2, 16), atol=1e-5)
+    qk = torch.einsum("bnhd,bmhd->bhnm", *m.qkv(x).view(2, 16, 3, 2, 32)[:, :, :2].unbind(2)) / 32 ** 0.5
+    kernel = 1 + qk + qk ** 2 / 2                                              # exp's first three terms
+    assert torch.allclose(A, kernel / kernel.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_a_sweep_csv_may_hold_a_point_trained_a_multiple_of_the_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "SWEEP", [("dydila", 16, 32, 1), ("dydila", 16, 32, 4)])
+    path = points_csv(tmp_path / "r.csv", POINT.replace("softmax", "dydila"),
+                      POINT.replace("softmax", "dydila").replace(",3,", ",12,"))   # 3 steps, and 4 x 3
+    assert len(R.read_points(path, 3)) == 2
+    with pytest.raises(R.UserError, match="3, 12 training steps, not 5"):
+        R.read_points(path, 5)
+
+
 def points_csv(path, *lines):
     path.write_text(",".join(R.FIELDS) + "\n" + "".join(line + "\n" for line in lines))
     return path
@@ -117,13 +138,13 @@ def test_a_cut_last_line_is_left_out_with_a_note(tmp_path, capsys):
     path = points_csv(tmp_path / "r.csv", POINT)
     with open(path, "a") as f:
         f.write("linear,16,16,0,3,0.4")                                        # a stopped write
-    assert set(R.read_points(path)) == {("softmax", 16, 32, 0)}
+    assert set(R.read_points(path)) == {("softmax", 16, 32, 0, 3)}
     assert str(path) in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_the_sweep_resumes_where_it_stopped_and_refuses_other_steps(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(R, "SWEEP", [("softmax", 16, 32), ("linear", 16, 16)])
+    monkeypatch.setattr(R, "SWEEP", [("softmax", 16, 32, 1), ("linear", 16, 16, 1)])
     monkeypatch.setattr(R, "SEEDS", (0,))
     csv_path, png = points_csv(tmp_path / "r.csv", POINT), tmp_path / "r.png"
     with open(csv_path, "a") as f:
@@ -132,7 +153,7 @@ def test_the_sweep_resumes_where_it_stopped_and_refuses_other_steps(tmp_path, mo
     out = capsys.readouterr().out
     assert "1 of 2 points in" in out and "1 to go" in out                     # the finished point is not run again
     points = R.read_points(csv_path)
-    assert set(points) == {("softmax", 16, 32, 0), ("linear", 16, 16, 0)} and points[("linear", 16, 16, 0)]["steps"] == "3"
-    assert math.isfinite(float(points[("linear", 16, 16, 0)]["accuracy"])) and png.stat().st_size > 0
+    assert set(points) == {("softmax", 16, 32, 0, 3), ("linear", 16, 16, 0, 3)}
+    assert math.isfinite(float(points[("linear", 16, 16, 0, 3)]["accuracy"])) and png.stat().st_size > 0
     assert R.main(["--sweep", "--steps", "5", "--csv", str(csv_path), "--figure", str(png)]) == 2
     one_line_error(capsys, "3 training steps", "5")

@@ -53,19 +53,25 @@ from training.cli import (Parser, UserError, check_fits, check_image_format, che
 from training.figures import pyplot, save_figure                  # noqa: E402
 from training.files import atomic_write                           # noqa: E402
 
-# the attention variants: an attention and its keywords (DyDiLA's switches)
+# the attention variants: an attention and its keywords (DyDiLA's switches, or a reading of dydilit.READINGS);
+# "based": the reference whose feature map grows the state (TaylorAttention)
 VARIANTS = {"softmax": ("softmax", {}), "linear": ("linear", {}), "dydila": ("dydila", {}),
             "dydila-no-dynamic-projection": ("dydila", {"dynamic_projection": False}),
             "dydila-no-dynamic-kernel": ("dydila", {"dynamic_kernel": False}),
-            "dydila-no-token-differential": ("dydila", {"token_differential": False})}
+            "dydila-no-token-differential": ("dydila", {"token_differential": False}),
+            **{f"dydila-{r}": ("dydila", {"reading": r}) for r in D.READINGS if r != "ours"},
+            "based": ("based", {})}
 # the training of every point, the same for every variant: why, in docs/BENCHMARKS.md, "Recall against length and
 # state size"
 TRAIN = dict(width=64, depth=2, values=16, key_dim=32, steps=1000, batch=32, lr=1e-3, warmup=100)
 EVAL_EXAMPLES, MEASURE_EXAMPLES = 256, 16                         # accuracy; attention measures (N x N each)
-# the sweep: (variant, tokens, head dim), 3 seeds each
-SWEEP = ([(v, n, 32) for v in ("softmax", "linear", "dydila") for n in (64, 256, 1024)]
-         + [(v, n, 32) for v in list(VARIANTS)[3:] for n in (64, 256)]
-         + [(v, 256, d) for v in ("linear", "dydila") for d in (16, 64)])
+# the sweep: (variant, tokens, head dim, steps as a multiple of --steps), 3 seeds each. Length and state size;
+# then every reading of DyDiLA, ours and linear trained 4 x longer, and the reference that grows the state
+SWEEP = ([(v, n, 32, 1) for v in ("softmax", "linear", "dydila") for n in (64, 256, 1024)]
+         + [(v, n, 32, 1) for v in list(VARIANTS)[3:6] for n in (64, 256)]
+         + [(v, 256, d, 1) for v in ("linear", "dydila") for d in (16, 64)]
+         + [(v, n, 32, 1) for v in list(VARIANTS)[6:] for n in (64, 256)]
+         + [(v, 256, 32, 4) for v in ("dydila", "linear")])
 SEEDS = (0, 1, 2)
 FIELDS = ["variant", "tokens", "head_dim", "seed", "steps", "accuracy", "partner_mass", "best_head", "entropy",
           "partner_mass_per_layer", "best_head_per_layer", "seconds", "threads"]
@@ -114,13 +120,34 @@ def recall_batch(batch, hw, values, key_dim, generator):
 # The model
 # ----------------------------------------------------------------------------------------
 
+class TaylorAttention(D.LinearAttention):
+    """The reference whose feature map grows the state at the same width: LiT's linear attention (its
+    normaliser and DWC) with Based's second-order Taylor features (Arora et al. 2024) in place of ReLU,
+
+        phi(z) = [1, z / d^(1/4), vec(z z^T) / (sqrt(2 d))],   phi(q).phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d) > 0,
+
+    the first terms of exp(q.k / sqrt(d)): a state of (1 + d + d^2) x d per head, where ReLU keeps d x d."""
+
+    def features(self, x):
+        B, N, C = x.shape
+        h, d = self.num_heads, C // self.num_heads
+        q, k, v = self.qkv(x).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)   # 3 x (B, h, N, d)
+
+        def taylor(z):                                            # (B, h, N, d) -> (B, h, N, 1 + d + d^2)
+            z = z.float()
+            second = (z[..., :, None] * z[..., None, :]).flatten(-2) / (2 ** 0.5 * d ** 0.5)
+            return torch.cat([torch.ones_like(z[..., :1]), z / d ** 0.25, second], dim=-1)
+        return taylor(q), taylor(k), v
+
+
 class Block(nn.Module):
     """Pre-norm residual [attention, MLP]."""
 
     def __init__(self, width, heads, attn, attn_kwargs):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = D.ATTENTIONS[attn](width, heads, **attn_kwargs)
+        self.attn = TaylorAttention(width, heads) if attn == "based" else D.make_attention(attn, width, heads,
+                                                                                           **attn_kwargs)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x, hw):
@@ -191,7 +218,8 @@ def train_point(variant, tokens, head_dim, seed, tr=TRAIN, progress=False):
     hw = grid(tokens)
     torch.manual_seed(seed)
     model = RecallModel(variant, head_dim, tr["width"], tr["depth"], tr["values"], tr["key_dim"])
-    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=0)
+    opt = torch.optim.AdamW(D.optimizer_groups(model, VARIANTS[variant][1].get("reading", "ours")), lr=tr["lr"],
+                            weight_decay=0)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
@@ -201,7 +229,8 @@ def train_point(variant, tokens, head_dim, seed, tr=TRAIN, progress=False):
         steps = tqdm(steps, desc=f"{variant}, N={tokens}, d={head_dim}, seed {seed}", dynamic_ncols=True)
     for step in steps:
         for group in opt.param_groups:                            # linear warmup, then cosine to 0
-            group["lr"] = tr["lr"] * min((step + 1) / tr["warmup"], 0.5 * (1 + math.cos(math.pi * step / tr["steps"])))
+            schedule = min((step + 1) / tr["warmup"], 0.5 * (1 + math.cos(math.pi * step / tr["steps"])))
+            group["lr"] = tr["lr"] * group["lr_scale"] * schedule
         x, y, _ = recall_batch(tr["batch"], hw, tr["values"], tr["key_dim"], g)
         loss = F.cross_entropy(model(x, hw).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
@@ -220,10 +249,10 @@ def train_point(variant, tokens, head_dim, seed, tr=TRAIN, progress=False):
 # ----------------------------------------------------------------------------------------
 
 def read_points(path, steps=None):
-    """The finished points of the sweep's CSV: {(variant, tokens, head_dim, seed): record}. steps:
-    the training steps they must all have had (None: one count, whatever it is). A last line cut
-    by a stopped write is left out with a note (the sweep runs that point again); anything else
-    that is not a point of this sweep is one line."""
+    """The finished points of the sweep's CSV: {(variant, tokens, head_dim, seed, steps): record}. steps:
+    the --steps every point was trained for, times its multiple in SWEEP (None: one count, whatever it
+    is). A last line cut by a stopped write is left out with a note (the sweep runs that point again);
+    anything else that is not a point of this sweep is one line."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines(keepends=True)
@@ -237,23 +266,31 @@ def read_points(path, steps=None):
         raise UserError(f"--csv {path} is not a CSV file of recall points: its first line must name the fields "
                         f"{','.join(FIELDS)}")
     try:
-        points = {(r["variant"], int(r["tokens"]), int(r["head_dim"]), int(r["seed"])): r for r in rows}
-        counts = {int(r["steps"]) for r in rows}
+        points = {(r["variant"], int(r["tokens"]), int(r["head_dim"]), int(r["seed"]), int(r["steps"])): r
+                  for r in rows}
         for r in rows:
             float(r["accuracy"]), float(r["partner_mass"])
     except (TypeError, ValueError) as e:
         raise UserError(f"--csv {path} holds a line that is no recall point ({e}): remove it") from None
-    other = counts - {steps} if steps is not None else (counts if len(counts) > 1 else set())
-    if other:
-        raise UserError(f"--csv {path} holds points of {', '.join(map(str, sorted(counts)))} training steps"
-                        + (f", not {steps}" if steps is not None else "") + ": one sweep trains every point alike; "
-                        "pick another --csv")
+    bases = [base_steps(*key[:3], key[4]) for key in points]       # the --steps each point could have had
+    common = set.intersection(*bases) if bases else set()
+    if bases and (not common or (steps is not None and steps not in common)):
+        counts = sorted({key[4] for key in points})
+        raise UserError(f"--csv {path} holds points of {', '.join(map(str, counts))} training steps"
+                        + (f", not {steps}" if steps is not None else "") + ": one sweep trains every point alike "
+                        "(or a multiple of it, as SWEEP says); pick another --csv")
     return points
 
 
-def run_point(point, steps):
+def base_steps(variant, tokens, head_dim, steps):
+    """The --steps a point of `steps` training steps belongs to: its steps over its multiples in SWEEP."""
+    multiples = {m for v, n, d, m in SWEEP if (v, n, d) == (variant, tokens, head_dim)} or {1}
+    return {steps // m for m in multiples if steps % m == 0}
+
+
+def run_point(point):
     """One point of the sweep (in a worker process), formatted as a CSV record."""
-    variant, tokens, head_dim, seed = point
+    variant, tokens, head_dim, seed, steps = point
     record = train_point(variant, tokens, head_dim, seed, {**TRAIN, "steps": steps})
     return {**record, **{k: " ".join(f"{m:.4f}" for m in record[k]) for k in ("partner_mass_per_layer",
                                                                              "best_head_per_layer")}}
@@ -265,24 +302,25 @@ def sweep(args):
     from tqdm import tqdm
     path = Path(args.csv)
     done = read_points(path, args.steps) if path.exists() else {}
-    todo = sorted(((v, n, d, s) for v, n, d in SWEEP for s in SEEDS if (v, n, d, s) not in done),
-                  key=lambda p: (p[1], p[3]))                     # the short points first, a seed of each at a time
+    todo = sorted(((v, n, d, s, m * args.steps) for v, n, d, m in SWEEP for s in SEEDS
+                   if (v, n, d, s, m * args.steps) not in done),
+                  key=lambda p: (-p[1] ** 2 * p[4], p[3]))        # the longest first: two jobs end together
     print(f"{len(done)} of {len(SWEEP) * len(SEEDS)} points in {path}; {len(todo)} to go, {args.jobs} at a time")
     with atomic_write(path) as tmp:                               # the finished points, and no cut line
         tmp.write_text(",".join(FIELDS) + "\n" + "".join(",".join(r[k] for k in FIELDS) + "\n" for r in done.values()))
     pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),   # fresh processes,
                                initializer=torch.set_num_threads, initargs=(1,))               # one thread each
     try:
-        futures = [pool.submit(run_point, point, args.steps) for point in todo]
+        futures = [pool.submit(run_point, point) for point in todo]
         with tqdm(total=len(todo), desc="recall sweep", dynamic_ncols=True) as bar:
             for future in as_completed(futures):
                 record = future.result()
                 with open(path, "a", newline="") as f:
                     csv.DictWriter(f, FIELDS, lineterminator="\n").writerow(record)
                 bar.update(1)
-                bar.write(f"{record['variant']}, N={record['tokens']}, d={record['head_dim']}, seed {record['seed']}: "
-                          f"accuracy {record['accuracy']:.3f}, partner mass {record['partner_mass']:.3f} "
-                          f"({record['seconds']:.0f} s)")
+                bar.write(f"{record['variant']}, N={record['tokens']}, d={record['head_dim']}, seed {record['seed']}, "
+                          f"{record['steps']} steps: accuracy {record['accuracy']:.3f}, partner mass "
+                          f"{record['partner_mass']:.3f} ({record['seconds']:.0f} s)")
     finally:                                                      # Ctrl-C: unfinished points are run again next time
         pool.shutdown(wait=False, cancel_futures=True)
     return figure(path, Path(args.figure))
@@ -290,43 +328,49 @@ def sweep(args):
 
 def figure(path, png):
     """Accuracy against N (one line per variant, the seed spread as a band), partner mass against N,
-    and accuracy against head dim at 256 tokens; the table in markdown on stdout."""
+    accuracy against head dim at 256 tokens, and (once the sweep has them) every reading of DyDiLA and
+    the reference that grows the state at 64 and 256 tokens; the table in markdown on stdout."""
     points = read_points(path)
     if not points:
         raise UserError(f"--csv {path} holds no points yet: run --sweep first")
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    base = min(set.intersection(*(base_steps(*key[:3], key[4]) for key in points)))   # the sweep's --steps
     table = {}
-    for key, r in points.items():
-        table.setdefault(key[:3], []).append(r)
-    for i, variant in enumerate(VARIANTS):
+    for (v, n, d, _, steps), r in points.items():
+        table.setdefault((v, n, d, steps // base), []).append(r)
+    readings = [k for k in table if k[0] in list(VARIANTS)[6:] or k[3] > 1]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4 if readings else 3, figsize=(21 if readings else 16, 4.6))
+    mean_range = lambda rs, f: (statistics.mean(float(r[f]) for r in rs), min(float(r[f]) for r in rs),
+                                max(float(r[f]) for r in rs))
+    for i, variant in enumerate(list(VARIANTS)[:6]):
         for ax, field in ((axes[0], "accuracy"), (axes[1], "partner_mass")):
-            ns = sorted({n for (v, n, d) in table if v == variant and d == 32})
-            if not ns:
-                continue
-            vals = [[float(r[field]) for r in table[(variant, n, 32)]] for n in ns]
-            ax.plot(ns, [statistics.mean(v) for v in vals], "o-" if i < 3 else "s--", color=f"C{i}", label=variant,
-                    ms=5)
-            ax.fill_between(ns, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
-        ds = sorted({d for (v, n, d) in table if v == variant and n == 256})
+            ns = sorted({n for (v, n, d, m) in table if v == variant and d == 32 and m == 1})
+            if ns:
+                mid, lo, hi = zip(*(mean_range(table[(variant, n, 32, 1)], field) for n in ns))
+                ax.plot(ns, mid, "o-" if i < 3 else "s--", color=f"C{i}", label=variant, ms=5)
+                ax.fill_between(ns, lo, hi, color=f"C{i}", alpha=0.15)
+        ds = sorted({d for (v, n, d, m) in table if v == variant and n == 256 and m == 1})
         if len(ds) > 1:
-            vals = [[float(r["accuracy"]) for r in table[(variant, 256, d)]] for d in ds]
-            axes[2].plot(ds, [statistics.mean(v) for v in vals], "o-", color=f"C{i}", label=variant)
-            axes[2].fill_between(ds, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
+            mid, lo, hi = zip(*(mean_range(table[(variant, 256, d, 1)], "accuracy") for d in ds))
+            axes[2].plot(ds, mid, "o-", color=f"C{i}", label=variant)
+            axes[2].fill_between(ds, lo, hi, color=f"C{i}", alpha=0.15)
     chance = 1 / TRAIN["values"]
     axes[0].axhline(chance, color="gray", ls=":", lw=1, label=f"chance, 1/{TRAIN['values']}")
     axes[0].set(xscale="log", xlabel="tokens N (half of them key-value pairs)", ylabel="query accuracy",
                 title="recall against length (head dim 32; band: 3 seeds' range)")
-    ns = sorted({n for (_, n, _) in table})
+    ns = sorted({n for (_, n, _, _) in table})
     axes[1].plot(ns, [1 / n for n in ns], color="gray", ls=":", lw=1, label="uniform rows, 1/N")
     axes[1].set(xscale="log", yscale="log", xlabel="tokens N", ylabel="attention on the partner key",
                 title="partner mass (the layer that retrieves most, mean over heads)")
     axes[2].axhline(chance, color="gray", ls=":", lw=1)
     axes[2].set(xscale="log", xlabel="head dim d (state d x d per head; width 64)", ylabel="query accuracy",
                 title="recall against state size at N = 256")
-    for ax, ticks in zip(axes, (ns, ns, sorted({d for (_, _, d) in table}))):
+    for ax, ticks in zip(axes, (ns, ns, sorted({d for (_, _, d, _) in table}))):
         ax.set_xticks(ticks, [str(v) for v in ticks])
         ax.minorticks_off()
+    if readings:
+        readings_panel(axes[3], table, chance)
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -335,20 +379,42 @@ def figure(path, png):
         ax.set_ylim(0, 1.02)
     fig.tight_layout()
     save_figure(fig, png, dpi=110)
-    print("| variant | tokens | head dim | accuracy (per seed) | mean | partner mass (per seed) | mean | "
-          "entropy / log N | s per point |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    order = list(VARIANTS)
-    for (variant, n, d), rs in sorted(table.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][2] != 32, kv[0][2],
-                                                                      kv[0][1])):
-        rs = sorted(rs, key=lambda r: int(r["seed"]))
-        acc, mass = [float(r["accuracy"]) for r in rs], [float(r["partner_mass"]) for r in rs]
-        print(f"| {variant} | {n} | {d} | {' / '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(acc):.3f} | "
-              f"{' / '.join(f'{m:.3f}' for m in mass)} | {statistics.mean(mass):.3f} | "
-              f"{statistics.mean(float(r['entropy']) for r in rs):.3f} | "
-              f"{statistics.mean(float(r['seconds']) for r in rs):.0f} |")
+    print_table(table, base)
     print(f"wrote {png}")
     return 0
+
+
+def readings_panel(ax, table, chance):
+    """Accuracy at 64 and 256 tokens (head dim 32) of linear, DyDiLA and every reading of it (4 x: trained
+    four times longer), and of the reference that grows the state; bars: the seeds' range."""
+    rows = [(v, m) for v in ["linear", "dydila", *list(VARIANTS)[6:]] for m in (1, 4) if (v, 256, 32, m) in table
+            or (v, 64, 32, m) in table]
+    for j, n in enumerate((64, 256)):
+        xs = [x + (j - 0.5) * 0.3 for x, (v, m) in enumerate(rows) if (v, n, 32, m) in table]
+        got = [(table[(v, n, 32, m)]) for v, m in rows if (v, n, 32, m) in table]
+        mid = [statistics.mean(float(r["accuracy"]) for r in rs) for rs in got]
+        err = [[y - min(float(r["accuracy"]) for r in rs) for y, rs in zip(mid, got)],
+               [max(float(r["accuracy"]) for r in rs) - y for y, rs in zip(mid, got)]]
+        ax.errorbar(xs, mid, yerr=err, fmt="o", color=f"C{j}", capsize=3, label=f"N = {n}")
+    ax.axhline(chance, color="gray", ls=":", lw=1)
+    ax.set_xticks(range(len(rows)), [v.removeprefix("dydila-") + (" 4x" if m > 1 else "") for v, m in rows],
+                  rotation=35, ha="right", fontsize=8)
+    ax.set(ylabel="query accuracy", ylim=(0, 1.02), title="readings of DyDiLA, and a feature map that grows the state")
+
+
+def print_table(table, base):
+    print("| variant | tokens | head dim | steps | accuracy (per seed) | mean | partner mass (per seed) | mean | "
+          "entropy / log N | s per point |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    order = list(VARIANTS)
+    for (variant, n, d, m), rs in sorted(table.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][3], kv[0][2] != 32,
+                                                                         kv[0][2], kv[0][1])):
+        rs = sorted(rs, key=lambda r: int(r["seed"]))
+        acc, mass = [float(r["accuracy"]) for r in rs], [float(r["partner_mass"]) for r in rs]
+        print(f"| {variant} | {n} | {d} | {m * base} | {' / '.join(f'{a:.3f}' for a in acc)} | "
+              f"{statistics.mean(acc):.3f} | {' / '.join(f'{x:.3f}' for x in mass)} | {statistics.mean(mass):.3f} | "
+              f"{statistics.mean(float(r['entropy']) for r in rs):.3f} | "
+              f"{statistics.mean(float(r['seconds']) for r in rs):.0f} |")
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ LABELS = {"softmax": "softmax (DiT)", "linear": "linear (LiT)", "dydila": "DyDiL
 
 
 # ----------------------------------------------------------------------------------------
-# A row's numbers: A (..., N) is a row of weights over N keys, or A (..., N, N) a matrix of rows
+# A row's numbers: A (..., N) is a row of weights over N keys, or A (..., N, N) a matrix of rows.
+# A signed reading of DyDiLA (dydilit.READINGS "c-output", "c") has signed, unnormalised rows: the
+# numbers then describe their magnitudes |A| (the same numbers for every other attention)
 # ----------------------------------------------------------------------------------------
 
 def row_entropy(A):
     """Normalised entropy of each row of A (..., N): H / log N in [0, 1]. Rows summing to 0 give nan."""
-    A = A.double()
+    A = A.double().abs()
     s = A.sum(-1, keepdim=True)
     p = A / s
     h = -torch.xlogy(p, p).sum(-1) / math.log(A.shape[-1])
@@ -31,7 +33,7 @@ def row_entropy(A):
 
 def top_mass(A, frac=0.05):
     """Share of each row's weight on its top ceil(frac * N) entries. Rows summing to 0 give nan."""
-    A = A.double()
+    A = A.double().abs()
     s = A.sum(-1)
     k = max(1, math.ceil(frac * A.shape[-1] - 1e-9))
     return (A.topk(k, dim=-1).values.sum(-1) / s).masked_fill(s == 0, float("nan"))
@@ -57,7 +59,7 @@ def partner_mass(A, partner):
     the partner's index for each row (broadcast against A's leading dims: partners(hw) for the copy
     probe, a batch of them for recall) -> (..., N). 1/N for a uniform row, 1 for a row that
     retrieves exactly its partner; a row that attends to nothing (all-zero ReLU features) puts 0 there."""
-    A = A.double()
+    A = A.double().abs()
     index = partner.expand(A.shape[:-1])[..., None]              # (..., N, 1)
     s = A.sum(-1)
     return torch.where(s > 0, A.gather(-1, index)[..., 0] / s, 0.0)

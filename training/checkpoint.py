@@ -17,20 +17,21 @@ from .files import atomic_write
 # What builds a run's model and objective, named as train_tiny.py's flags. A checkpoint stores these
 # values (its "spec"), so any script rebuilds the model from the file alone.
 SPEC_KEYS = ("model", "attn", "no_dynamic_projection", "no_dynamic_kernel", "no_token_differential",
-             "image_size", "channels", "num_classes", "objective", "ddpm_schedule")
+             "image_size", "channels", "num_classes", "objective", "ddpm_schedule", "reading")
 CHECKPOINT_HOLDS = ("a checkpoint is a dict holding 'spec' (preset, attention, switches, image size, channels, "
                     "classes, objective: training.checkpoint.run_spec), the 'model' and 'ema' weights, 'classes' "
                     "and 'step', as training.checkpoint.save_checkpoint writes it")
 
 
 def run_spec(model, attn, image_size, channels, num_classes, no_dynamic_projection=False, no_dynamic_kernel=False,
-             no_token_differential=False, objective="flow", ddpm_schedule="linear"):
-    """What builds a run's model (model: a preset of dydilit.MODELS) and its objective, as plain
-    values: a checkpoint stores it; build_model and build_objective read it."""
+             no_token_differential=False, objective="flow", ddpm_schedule="linear", reading="ours"):
+    """What builds a run's model (model: a preset of dydilit.MODELS; reading: DyDiLA's, one of
+    dydilit.READINGS) and its objective, as plain values: a checkpoint stores it; build_model and
+    build_objective read it."""
     spec = dict(model=model, attn=attn, no_dynamic_projection=no_dynamic_projection,
                 no_dynamic_kernel=no_dynamic_kernel, no_token_differential=no_token_differential,
                 image_size=image_size, channels=channels, num_classes=num_classes, objective=objective,
-                ddpm_schedule=ddpm_schedule)
+                ddpm_schedule=ddpm_schedule, reading=reading)
     problem = spec_problem(spec)
     if problem:
         raise ValueError(problem)
@@ -44,7 +45,10 @@ def spec_problem(spec):
     checks = [("model", spec["model"] in D.MODELS, f"one of {sorted(D.MODELS)}"),
               ("attn", spec["attn"] in D.ATTENTIONS, f"one of {sorted(D.ATTENTIONS)}"),
               ("objective", spec["objective"] in ("flow", "ddpm"), "flow or ddpm"),
-              ("ddpm_schedule", spec["ddpm_schedule"] in ("linear", "cosine"), "linear or cosine")]
+              ("ddpm_schedule", spec["ddpm_schedule"] in ("linear", "cosine"), "linear or cosine"),
+              ("reading", spec["reading"] in D.READINGS, f"one of {', '.join(D.READINGS)}"),
+              ("reading", not D.READINGS[spec["reading"]] or spec["attn"] == "dydila"
+               and not any(spec[k] for k in SPEC_KEYS[2:5]), "ours: a reading is one of full DyDiLA")]
     checks += [(k, type(spec[k]) is int and spec[k] >= 1, "a whole number >= 1")
                for k in ("image_size", "channels", "num_classes")]
     checks += [(k, type(spec[k]) is bool, "True or False") for k in SPEC_KEYS[2:5]]
@@ -55,9 +59,10 @@ def build_model(spec):
     """The model a spec describes: a preset of dydilit.MODELS with softmax (DiT), linear (LiT) or
     DyDiLA attention and its switches."""
     switches = {k: not spec[f"no_{k}"] for k in ("dynamic_projection", "dynamic_kernel", "token_differential")}
+    kwargs = switches if not D.READINGS[spec["reading"]] else {"reading": spec["reading"]}    # a reading: all on
+    kwargs = kwargs if spec["attn"] == "dydila" else {}
     return D.MODELS[spec["model"]](input_size=spec["image_size"], in_channels=spec["channels"],
-                                   num_classes=spec["num_classes"], attn=spec["attn"],
-                                   attn_kwargs=switches if spec["attn"] == "dydila" else {})
+                                   num_classes=spec["num_classes"], attn=spec["attn"], attn_kwargs=kwargs)
 
 
 def build_objective(spec):
@@ -75,6 +80,8 @@ def run_label(args):
     DyDiLA designs it was trained without)."""
     if args.attn != "dydila":
         return {"softmax": "DiT (softmax)", "linear": "LiT (linear)"}[args.attn]
+    if vars(args).get("reading", "ours") != "ours":
+        return f"DyDi-LiT, reading {args.reading}"
     off = [name for name, flag in (("dynamic projection", args.no_dynamic_projection),
                                    ("dynamic kernel", args.no_dynamic_kernel),
                                    ("token differential", args.no_token_differential)) if flag]
@@ -107,6 +114,8 @@ def load_checkpoint(path):
     except Exception as e:                              # cut, corrupt, not a torch file, or pickled objects
         raise UserError(f"cannot load checkpoint {path} ({e.__class__.__name__}): the file is cut, corrupt or not "
                         f"a checkpoint; {CHECKPOINT_HOLDS}") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("spec"), dict):
+        ckpt["spec"].setdefault("reading", "ours")             # a run from before the readings: DyDiLA as it was
     if not isinstance(ckpt, dict):
         problem = f"it holds a {type(ckpt).__name__}"
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

@@ -230,6 +230,11 @@ def check_train_args(args, gpu_defaults):
         raise UserError("--fid-inception needs samples to score: add --fid-samples N (0 is the default on a CPU "
                         "and for runs shorter than --eval-every)")
     check_sampler(args.sampler, args.objective)
+    switches = [f"--{k.replace('_', '-')}" for k in ("no_dynamic_projection", "no_dynamic_kernel",
+                                                     "no_token_differential") if vars(args)[k]]
+    if args.reading != "ours" and (args.attn != "dydila" or switches):
+        raise UserError(f"--reading {args.reading} is a reading of the whole of DyDiLA: use it with --attn dydila and "
+                        f"without {', '.join(switches) or '--no-... switches'}")
     if args.dataset in ("cifar10", "fashion-mnist") and args.image_size != 32:
         raise UserError(f"--image-size {args.image_size} does not match {args.dataset}'s 32 x 32 images: "
                         f"use --image-size 32")

@@ -116,11 +116,15 @@ def describe(items, order, bits, pool, hw, size, everything):
     stored = "; ".join(f"{what} at {where}" for what, where in said if where)
     left = [item for item in order if item not in items]
     keys = f", keys summed in {pool} x {pool} blocks ({hw[0] // pool} x {hw[1] // pool})" if pool > 1 else ""
-    text = f"stored: {stored}; rows at {bits} bits of their maximum{keys}; {size / 1e6:.1f} MB"
+    text = f"stored: {stored}; rows at {bits} bits of their maximum{keys}; {megabytes(size)}"
     if left:
-        text += (f"; left out: the rest ({everything / 1e6:.1f} MB in all: visualize.py --page-mb "
+        text += (f"; left out: the rest ({megabytes(everything)} in all: visualize.py --page-mb "
                  f"{math.ceil(everything / 1e6 * 10 + 1) / 10:g} stores it)")
     return text
+
+
+def megabytes(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
 
 
 def spans(numbers):
@@ -163,7 +167,7 @@ def explorer_model(label, inputs, hw, plan, probe=False):
     if isinstance(attn0, D.DyDiLA):                                             # routing and banks, every layer
         routes = [[attn.routing(x) for attn, x in layers] for layers in inputs]          # [t][layer] {name: (1, N)}
         model["routing"] = {k: b64(torch.stack([torch.stack([r[k][0] for r in at_t]) for at_t in routes]), np.uint8)
-                            for k in routes[0][0] if k.endswith("_q")}                  # (T, depth, N) each
+                            for k, v in routes[0][0].items() if k.endswith("_q") and v.dim() == 2}   # (T, depth, N)
         values = [router_values(attn) for attn, _ in inputs[0]]
         model["banks"] = {k: [v[k].tolist() for v in values] for k in ("kernel_q", "lambda_q") if k in values[0]}
     return model
@@ -173,7 +177,7 @@ def encode_rows(rows, hw, plan, probe):
     """One stored map: rows (N, N) float64 -> its rows at plan.bits of each row's maximum over the
     pooled keys, and each row's exact numbers."""
     N, p = rows.shape[0], plan.pool
-    pooled = rows.view(N, hw[0] // p, p, hw[1] // p, p).sum((2, 4)).flatten(1)     # (N, keys)
+    pooled = rows.abs().view(N, hw[0] // p, p, hw[1] // p, p).sum((2, 4)).flatten(1)   # (N, keys); signed: |A|
     rowmax = pooled.amax(-1)
     levels = (pooled / rowmax.clamp_min(1e-300)[:, None] * (2**plan.bits - 1)).round().to(torch.uint8).flatten()
     if plan.bits == 4:                                                          # two weights a byte, high nibble first
