@@ -687,6 +687,17 @@ def test_resume_with_another_model_names_what_differs(tmp_path, capsys):
     one_line_error(capsys, "attn='dydila'", "attn='linear'")
 
 
+@pytest.mark.slow
+def test_a_reading_trains_is_kept_in_the_checkpoint_and_resumes_only_as_itself(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert T.main([*TINY, "--steps", "2", "--reading", "c", "--out-dir", str(out)]) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["spec"]["reading"] == "c" and any(".kernel_q_r." in name for name in ckpt["model"])  # [C]'s 4 kernels
+    capsys.readouterr()
+    assert T.main([*TINY, "--steps", "4", "--out-dir", str(out), "--resume"]) == 2
+    one_line_error(capsys, "reading='c'", "reading='ours'")
+
+
 def test_help_explains_every_flag_without_empty_defaults():
     text = " ".join(T.get_parser().format_help().split())      # unwrapped
     assert "(default: None)" not in text and "(default: False)" not in text

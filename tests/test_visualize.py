@@ -72,6 +72,16 @@ def test_visualize_default_mode_writes_figures(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def test_visualize_draws_a_signed_reading_by_magnitude(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(TD, "FASHION_DIRS", [])
+    assert V.main(["--out-dir", str(tmp_path), "--reading", "c"]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("DyDiLA, reading c"))
+    assert 0 < float(row.split()[3]) < 1                                       # entropy / log N of |A|
+    assert page_data(tmp_path / "explorer.html")["models"][2]["label"] == "DyDiLA, reading c"
+
+
+@pytest.mark.slow
 def test_visualize_checkpoint_mode_writes_parts_and_routers(tiny_runs, tmp_path, capsys):
     runs = [tiny_runs[name] for name in ("linear", "dydila", "static")]
     assert V.main(["--out-dir", str(tmp_path / "viz"), "--ckpt", *runs, "--t", "0.3", "0.7"]) == 0
